@@ -1,0 +1,74 @@
+"""Wires the parts together and owns their lifecycle.
+
+One ``asyncio.TaskGroup`` holds every long-running task (one per segment,
+the staleness sweep); the servers are started after the tasks so a client
+never connects to a bridge without pollers. ``stop`` ends them all.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import pdu as P
+from .errors import BridgeError
+from .image import RegisterImage
+from .model import Config
+from .modbus_server import ModbusTcpServer
+from .segment import LinkFactory, Segment, open_link
+
+log = logging.getLogger("bridge.app")
+
+SWEEP_PERIOD = 0.2  # seconds between staleness checks
+
+
+class App:
+    def __init__(self, config: Config, link_factory: LinkFactory = open_link):
+        self.config = config
+        self.image = RegisterImage(config.meters)
+        self.segments = [Segment(s, self.image, link_factory) for s in config.segments]
+        self._segment_of = {m.unit: seg for seg in self.segments for m in seg.cfg.meters}
+        self.modbus: ModbusTcpServer | None = None
+        if config.modbus_tcp.enabled:
+            self.modbus = ModbusTcpServer(self.image, self._route_write)
+        self.listening = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    async def _route_write(self, unit: int, request: P.WriteRequest) -> bytes:
+        return await self._segment_of[unit].submit_write(unit, request)
+
+    async def run(self) -> None:
+        """Run until ``stop()``; raises BridgeError if a server cannot listen."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(seg.run(), name=f"segment {seg.cfg.name}") for seg in self.segments]
+                tasks.append(tg.create_task(self._sweep(), name="staleness sweep"))
+                try:
+                    await self._start_servers()
+                    self.listening.set()
+                    await self._stop.wait()
+                finally:
+                    await self._stop_servers()
+                    for task in tasks:
+                        task.cancel()
+        except* OSError as group:
+            raise BridgeError(f"cannot listen: {group.exceptions[0]}") from None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _start_servers(self) -> None:
+        if self.modbus is not None:
+            tcp = self.config.modbus_tcp
+            await self.modbus.start(tcp.host, tcp.port)
+            log.info("Modbus TCP listening on %s:%d", tcp.host, self.modbus.port)
+
+    async def _stop_servers(self) -> None:
+        if self.modbus is not None:
+            await self.modbus.stop()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_PERIOD)
+            for unit in self.image.sweep():
+                meter = self.image.unit(unit).meter
+                log.warning("meter %s (unit %d) stale: no good poll for %g s", meter.name, unit, meter.stale_after)

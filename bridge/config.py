@@ -1,0 +1,321 @@
+"""The bridge configuration file: YAML in, a validated frozen ``Config`` out.
+
+Each section is a table of ``Field``s whose keys match the model's attribute
+names, so a new key is one line here plus one field in ``model.py``. Checks
+that span entries (unique names, ports, slaves and units) run afterwards on
+the checked records, which still know the line of every value.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .codec import Function
+from .errors import ConfigError, ConfigIssue
+from .model import (
+    Config,
+    HttpConfig,
+    MeterConfig,
+    ModbusTcpConfig,
+    OpcUaConfig,
+    Profile,
+    SegmentConfig,
+)
+from .profiles import RANGES, UnknownProfile, build_ranges, resolve_profile
+from .yamlsource import (
+    INVALID,
+    Ctx,
+    Field,
+    Invalid,
+    Record,
+    boolean,
+    integer,
+    list_of,
+    number,
+    one_of,
+    parse_yaml,
+    read_mapping,
+    record_of,
+    scalar,
+    show,
+    text,
+)
+
+NAME = r"[A-Za-z0-9_-]+"
+NAME_HINT = "use letters, digits, '-' and '_'"
+LISTEN_FORM = "expected host:port or [ipv6]:port, e.g. 0.0.0.0:502"
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); port 0 means "any free port"."""
+    if not isinstance(value, str):
+        raise Invalid(f"{LISTEN_FORM}; got {show(value)}")
+    match = re.fullmatch(r"\[([^\[\]]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", value.strip())
+    if not match:
+        raise Invalid(f"{LISTEN_FORM}; got {value!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise Invalid(f"port {port} is out of range 0..65535 in {value!r}")
+    return host, port
+
+
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("opc.tcp://") or len(value) == len("opc.tcp://"):
+        raise Invalid(f"expected an OPC UA endpoint like opc.tcp://0.0.0.0:4840/bridge, got {show(value)}")
+    return value
+
+
+LISTEN = scalar(_listen)
+
+METER_SCHEMA: dict[str, Field] = {
+    "name": Field(text(NAME, NAME_HINT)),
+    "slave": Field(integer(1, 247)),
+    "unit": Field(integer(1, 247), None),  # None: the slave address
+    "profile": Field(text()),  # resolved to a Profile after checking
+    "poll_interval": Field(number(ge=0), 1.0),
+    "writable": Field(boolean(), False),
+    "ranges": Field(RANGES, []),
+    "stale_after": Field(number(gt=0), None),  # None: the bridge-wide value
+}
+
+SEGMENT_SCHEMA: dict[str, Field] = {
+    "name": Field(text(NAME, NAME_HINT)),
+    "port": Field(text()),
+    "baudrate": Field(integer(1), 9600),
+    "parity": Field(one_of({"N": "N", "E": "E", "O": "O"}, "parity"), "N"),
+    "stopbits": Field(one_of({1: 1, 2: 2}, "stopbits"), 1),
+    "timeout": Field(number(gt=0), 0.5),
+    "retries": Field(integer(0), 1),
+    "meters": Field(list_of(record_of(METER_SCHEMA), what="meter")),
+}
+
+MODBUS_TCP_SCHEMA: dict[str, Field] = {
+    "enabled": Field(boolean(), True),
+    "listen": Field(LISTEN, ("0.0.0.0", 502)),
+}
+
+OPCUA_SCHEMA: dict[str, Field] = {
+    "enabled": Field(boolean(), True),
+    "endpoint": Field(scalar(_endpoint), "opc.tcp://0.0.0.0:4840/bridge"),
+    "namespace": Field(text(), "urn:modbus-bridge"),
+}
+
+HTTP_SCHEMA: dict[str, Field] = {
+    "listen": Field(LISTEN, ("127.0.0.1", 8080)),
+}
+
+TOP_SCHEMA: dict[str, Field] = {
+    "segments": Field(list_of(record_of(SEGMENT_SCHEMA), what="segment")),
+    "stale_after": Field(number(gt=0), 10.0),
+    "modbus_tcp": Field(record_of(MODBUS_TCP_SCHEMA, null_is_empty=True), None),
+    "opcua": Field(record_of(OPCUA_SCHEMA, null_is_empty=True), None),
+    "http": Field(record_of(HTTP_SCHEMA, null_is_empty=True), None),  # absent: no HTTP server
+}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file; ConfigError carries every issue found."""
+    path = Path(path)
+    file = str(path)
+    try:
+        content = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue(file, None, "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(file, None, "", f"cannot read file: {exc}")]) from None
+    root, issues = parse_yaml(content, file)
+    if root is None:
+        if not issues:
+            issues.append(ConfigIssue(file, 1, "", "the file is empty; expected a mapping with 'segments'"))
+        raise ConfigError(issues)
+    ctx = Ctx(file, issues)
+    top = read_mapping(root, ctx, TOP_SCHEMA)
+    config = _build(top, ctx, path.parent) if top is not INVALID else None
+    if ctx.issues or config is None:
+        # the config file's issues first, in line order, then those of profile files it names
+        raise ConfigError(sorted(ctx.issues, key=lambda i: (i.file != file, i.file, i.line or 0)))
+    return config
+
+
+class _Builder:
+    """Builds segments and meters while checking what must be unique across entries."""
+
+    def __init__(self, ctx: Ctx, base_dir: Path, stale_after: float):
+        self.ctx = ctx
+        self.base_dir = base_dir
+        self.stale_after = stale_after
+        self.segment_names: dict[str, int] = {}
+        self.ports: dict[str, tuple[str, str, int]] = {}  # realpath -> (as written, "segment 'x'", line)
+        self.meter_names: dict[str, int] = {}
+        self.units: dict[int, tuple[str, int]] = {}  # unit -> (meter, line)
+        self.profiles: dict[str, Profile | None] = {}  # by reference: each file is loaded (and reported) once
+
+    def segment(self, rec: Record, ctx: Ctx) -> SegmentConfig | None:
+        v = rec.values
+        if rec.valid("name"):
+            self._unique(self.segment_names, v["name"], rec.lines["name"], ctx.child("name"),
+                         f"segment name '{v['name']}' is already used")
+        segment = f"segment '{v['name']}'" if rec.valid("name") else ctx.path
+        if rec.valid("port"):
+            self._port(v["port"], segment, rec.lines["port"], ctx.child("port"))
+        slaves: dict[int, tuple[str, int]] = {}
+        meters = []
+        if v["meters"] is not INVALID:
+            for i, meter_rec in enumerate(v["meters"]):
+                if meter_rec is not INVALID:
+                    meters.append(self.meter(meter_rec, ctx.child("meters").child(i), slaves))
+        if not rec.ok or None in meters:
+            return None
+        values = rec.kwargs(SEGMENT_SCHEMA)
+        values["meters"] = tuple(meters)
+        return SegmentConfig(**values)
+
+    def meter(self, rec: Record, ctx: Ctx, slaves: dict[int, tuple[str, int]]) -> MeterConfig | None:
+        v = rec.values
+        name = v["name"] if rec.valid("name") else ctx.path
+        if rec.valid("name"):
+            self._unique(self.meter_names, name, rec.lines["name"], ctx.child("name"),
+                         f"meter name '{name}' is already used")
+        if rec.valid("slave"):
+            self._taken(slaves, v["slave"], name, rec.lines["slave"], ctx.child("slave"),
+                        f"slave {v['slave']} is already used on this segment")
+        unit = self._unit(rec, name, ctx)
+        profile = self._profile(v["profile"], rec.lines["profile"], ctx.child("profile")) \
+            if rec.valid("profile") else None
+        table = profile.function if profile else Function.INPUT
+        ranges = build_ranges(v["ranges"], ctx.child("ranges"), table)
+        if not rec.ok or profile is None or unit is None:
+            return None
+        values = rec.kwargs(METER_SCHEMA)
+        values.update(unit=unit, profile=profile, ranges=ranges,
+                      stale_after=self.stale_after if v["stale_after"] is None else v["stale_after"])
+        return MeterConfig(**values)
+
+    def _unit(self, rec: Record, name: str, ctx: Ctx) -> int | None:
+        """The upstream unit id, defaulting to the slave address; unique across the bridge."""
+        v = rec.values
+        if "unit" in rec.given:
+            unit, line, origin, hint = v["unit"], rec.lines["unit"], "", ""
+        else:
+            unit, line = v["slave"], rec.lines["slave"]
+            origin, hint = " (defaulted from slave)", "; set 'unit' to a free id"
+        if unit is INVALID:
+            return None
+        if unit in self.units:
+            other, other_line = self.units[unit]
+            ctx.child("unit").report(line, f"unit {unit}{origin} is already used by meter '{other}' "
+                                           f"(line {other_line}){hint}")
+        else:
+            self.units[unit] = (name, line)
+        return unit
+
+    def _profile(self, ref: str, line: int, ctx: Ctx) -> Profile | None:
+        if ref not in self.profiles:
+            try:
+                self.profiles[ref] = resolve_profile(ref, self.base_dir)
+            except UnknownProfile as exc:
+                ctx.report(line, str(exc))
+                self.profiles[ref] = None
+            except ConfigError as exc:
+                ctx.report(line, f"profile '{ref}' is invalid ({len(exc.issues)} issue(s) listed under its file)")
+                self.ctx.issues.extend(exc.issues)
+                self.profiles[ref] = None
+        return self.profiles[ref]
+
+    def _port(self, port: str, segment: str, line: int, ctx: Ctx) -> None:
+        key = os.path.realpath(port)  # /dev/serial/by-id/... links and the ttyUSBn they point to are one bus
+        if key in self.ports:
+            written, other, other_line = self.ports[key]
+            same = f"port '{port}'" if written == port else f"port '{port}' (the same device as '{written}')"
+            ctx.report(line, f"{same} is already used by {other} (line {other_line}); "
+                             "one segment per serial port")
+        else:
+            self.ports[key] = (port, segment, line)
+
+    @staticmethod
+    def _unique(seen: dict[str, int], name: str, line: int, ctx: Ctx, message: str) -> None:
+        if name in seen:
+            ctx.report(line, f"{message} (line {seen[name]})")
+        else:
+            seen[name] = line
+
+    @staticmethod
+    def _taken(seen: dict[int, tuple[str, int]], value: int, owner: str, line: int, ctx: Ctx,
+               message: str) -> None:
+        if value in seen:
+            other, other_line = seen[value]
+            ctx.report(line, f"{message} by meter '{other}' (line {other_line})")
+        else:
+            seen[value] = (owner, line)
+
+
+def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
+    v = top.values
+    stale_after = v["stale_after"] if top.valid("stale_after") else 10.0
+    builder = _Builder(ctx, base_dir, stale_after)
+    segments = []
+    if v["segments"] is not INVALID:
+        for i, rec in enumerate(v["segments"]):
+            if rec is not INVALID:
+                segments.append(builder.segment(rec, ctx.child("segments").child(i)))
+    modbus_tcp, opcua, http = (_section(v[key], build) for key, build in (
+        ("modbus_tcp", _modbus_tcp), ("opcua", _opcua), ("http", _http)))
+    if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http):
+        return None
+    return Config(segments=tuple(segments), stale_after=stale_after,
+                  modbus_tcp=modbus_tcp or ModbusTcpConfig(), opcua=opcua or OpcUaConfig(),
+                  http=http, source=str(ctx.file))
+
+
+def _section(rec: Record | None | Any, build: Any) -> Any:
+    """None when the section is absent, INVALID when it has errors, else the built object."""
+    if rec is None or rec is INVALID:
+        return rec
+    return build(rec) if rec.ok else INVALID
+
+
+def _modbus_tcp(rec: Record) -> ModbusTcpConfig:
+    values = rec.kwargs(MODBUS_TCP_SCHEMA)
+    values["host"], values["port"] = values.pop("listen")
+    return ModbusTcpConfig(**values)
+
+
+def _opcua(rec: Record) -> OpcUaConfig:
+    return OpcUaConfig(**rec.kwargs(OPCUA_SCHEMA))
+
+
+def _http(rec: Record) -> HttpConfig:
+    values = rec.kwargs(HTTP_SCHEMA)
+    values["host"], values["port"] = values.pop("listen")
+    return HttpConfig(**values)
+
+
+# --- summary for `modbus-bridge check` ---------------------------------------------------
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def summary(config: Config) -> str:
+    """A few lines describing what the bridge will do with this configuration."""
+    lines = [f"configuration {config.source}: OK"]
+    for seg in config.segments:
+        lines.append(f"segment {seg.name}: {seg.port} {seg.baudrate} {seg.bytesize}{seg.parity}{seg.stopbits}, "
+                     f"timeout {seg.timeout:g} s, retries {seg.retries}")
+        for m in seg.meters:
+            extra = f", +{len(m.ranges)} range(s)" if m.ranges else ""
+            rw = ", writable" if m.writable else ""
+            lines.append(f"  meter {m.name}: slave {m.slave} -> unit {m.unit}, profile {m.profile.name} "
+                         f"({len(m.profile.measurements)} measurements{extra}), poll {m.poll_interval:g} s{rw}")
+    meters = config.meters
+    lines.append(f"{len(config.segments)} segment(s), {len(meters)} meter(s), "
+                 f"{sum(len(m.profile.measurements) for m in meters)} measurement(s)")
+    tcp, ua = config.modbus_tcp, config.opcua
+    lines.append(f"modbus tcp: {_hostport(tcp.host, tcp.port) if tcp.enabled else 'off'}")
+    lines.append(f"opc ua: {f'{ua.endpoint} (namespace {ua.namespace})' if ua.enabled else 'off'}")
+    lines.append(f"http: {_hostport(config.http.host, config.http.port) if config.http else 'off'}")
+    return "\n".join(lines)

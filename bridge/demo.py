@@ -1,0 +1,96 @@
+"""`modbus-bridge demo`: simulated meters on pseudo-terminals and a real bridge on them.
+
+The demo goes through the same path as `run`: it writes a configuration file
+naming the ptys, loads and validates it, and runs the App on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+from .app import App
+from .config import load_config
+from .profiles import get_builtin
+from .simulator import SimMeter, SimulatedBus
+
+# segment -> [(meter name, slave, upstream unit, profile)]
+DEMO_LAYOUT = {
+    "panel-a": [("incomer", 1, 1, "eastron-sdm120"), ("hvac", 2, 2, "eastron-sdm630")],
+    "panel-b": [("lighting", 1, 11, "eastron-sdm120"), ("sockets", 2, 12, "eastron-sdm120")],
+}
+
+
+def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, host: str = "127.0.0.1") -> str:
+    lines = ["# written by `modbus-bridge demo`: simulated meters on pseudo-terminals", "segments:"]
+    for segment, meters in DEMO_LAYOUT.items():
+        lines += [f"  - name: {segment}", f"    port: {ports[segment]}", "    baudrate: 9600", "    meters:"]
+        for name, slave, unit, profile in meters:
+            lines += [
+                f"      - name: {name}",
+                f"        slave: {slave}",
+                f"        unit: {unit}",
+                f"        profile: {profile}",
+                "        poll_interval: 0.5",
+                f"        writable: {'true' if name == 'sockets' else 'false'}",
+            ]
+    lines += [
+        "stale_after: 5.0",
+        "modbus_tcp:",
+        f"  listen: {host}:{modbus_port}",
+        "opcua:",
+        "  enabled: false",
+        f"  endpoint: opc.tcp://{host}:{opcua_port}/bridge",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def banner(app: App, config_path: Path) -> str:
+    port = app.modbus.port if app.modbus else None
+    rows = [
+        "modbus-bridge demo is running (Ctrl-C to stop)",
+        f"  configuration: {config_path}",
+        f"  Modbus TCP:    127.0.0.1:{port}",
+        "  meters:",
+    ]
+    for seg in app.config.segments:
+        for m in seg.meters:
+            rows.append(f"    unit {m.unit:<3} {m.name:<10} {m.profile.name:<16} segment {seg.name} slave {m.slave}")
+    rows += [
+        "  try (voltage, current of unit 1 as big-endian floats, input registers 1..4):",
+        f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 4 -1 127.0.0.1",
+        "  or with Python:",
+        f"    python -c \"from pymodbus.client import ModbusTcpClient as C; c=C('127.0.0.1',port={port}); "
+        "c.connect(); print(c.read_input_registers(0,count=2,device_id=1).registers)\"",
+    ]
+    return "\n".join(rows)
+
+
+async def run_demo(modbus_port: int, opcua_port: int, ready: asyncio.Event | None = None) -> None:
+    buses = {
+        segment: SimulatedBus([SimMeter(slave, get_builtin(profile)) for _, slave, _, profile in meters])
+        for segment, meters in DEMO_LAYOUT.items()
+    }
+    ports = {segment: bus.open() for segment, bus in buses.items()}
+    try:
+        with tempfile.TemporaryDirectory(prefix="modbus-bridge-demo-") as tmp:
+            path = Path(tmp) / "demo.yaml"
+            path.write_text(demo_config_text(ports, modbus_port, opcua_port))
+            app = App(load_config(path))
+            runner = asyncio.create_task(app.run())
+            listening = asyncio.create_task(app.listening.wait())
+            await asyncio.wait({runner, listening}, return_when=asyncio.FIRST_COMPLETED)
+            if runner.done():
+                await runner  # raises why it could not start
+            print(banner(app, path), flush=True)
+            if ready is not None:
+                ready.set()
+            try:
+                await runner
+            finally:
+                app.stop()
+                listening.cancel()
+                await asyncio.gather(runner, return_exceptions=True)
+    finally:
+        for bus in buses.values():
+            bus.close()

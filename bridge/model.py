@@ -1,0 +1,122 @@
+"""Typed, frozen configuration objects: what a validated config and profile are.
+
+Loading and validation live in ``config`` and ``profiles``; everything else in
+the bridge consumes only these objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .codec import DataType, Function, WordOrder
+
+MAX_READ_REGISTERS = 125  # Modbus limit for FC3/FC4
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    address: int  # 0-based PDU address
+    dtype: DataType
+    function: Function
+    word_order: WordOrder
+    scale: float = 1.0
+    unit: str = ""  # as written in the profile: V, A, W, var, VA, Hz, kWh, kvarh, deg, "" ...
+    description: str = ""
+
+    @property
+    def count(self) -> int:
+        return self.dtype.registers
+
+    @property
+    def end(self) -> int:
+        """One past the last register."""
+        return self.address + self.count
+
+
+@dataclass(frozen=True)
+class RegisterRange:
+    """Raw registers mirrored verbatim into the image."""
+
+    function: Function
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    function: Function
+    word_order: WordOrder
+    measurements: tuple[Measurement, ...]
+    ranges: tuple[RegisterRange, ...] = ()
+    max_read: int = MAX_READ_REGISTERS  # profile key: max_registers_per_read
+    read_gaps: bool = True  # profile key: read_gaps; False if the meter refuses reads spanning unmapped holes
+    source: str = ""  # "builtin" or the file path it was loaded from
+
+
+@dataclass(frozen=True)
+class MeterConfig:
+    name: str
+    slave: int
+    unit: int
+    profile: Profile
+    poll_interval: float = 1.0
+    writable: bool = False
+    ranges: tuple[RegisterRange, ...] = ()  # added to the profile's
+    stale_after: float = 10.0  # resolved: the meter's own value or the bridge-wide one
+
+    @property
+    def all_ranges(self) -> tuple[RegisterRange, ...]:
+        return self.profile.ranges + self.ranges
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    name: str
+    port: str
+    baudrate: int = 9600
+    parity: str = "N"  # N | E | O
+    stopbits: int = 1  # 1 | 2
+    bytesize: int = 8
+    timeout: float = 0.5
+    retries: int = 1
+    meters: tuple[MeterConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModbusTcpConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 502
+
+
+@dataclass(frozen=True)
+class OpcUaConfig:
+    enabled: bool = True
+    endpoint: str = "opc.tcp://0.0.0.0:4840/bridge"
+    namespace: str = "urn:modbus-bridge"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Config:
+    segments: tuple[SegmentConfig, ...]
+    stale_after: float = 10.0
+    modbus_tcp: ModbusTcpConfig = field(default_factory=ModbusTcpConfig)
+    opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
+    http: HttpConfig | None = None  # off when the key is absent
+    source: str = ""
+
+    @property
+    def meters(self) -> tuple[MeterConfig, ...]:
+        return tuple(m for s in self.segments for m in s.meters)

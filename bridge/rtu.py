@@ -1,0 +1,137 @@
+"""Modbus RTU framing and line timing. Pure, no I/O.
+
+RTU has no transaction id and no length field, so both sides work out a
+frame's length from its function code. The master knows which reply it waits
+for (slave, function, exact length); ``find_reply`` scans the receive buffer
+for exactly that frame with a valid CRC, skipping stray bytes, so line noise
+and leftovers are never taken for an answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import pdu as P
+
+
+def _make_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _make_table()
+
+
+def crc16(data: bytes | bytearray | memoryview) -> int:
+    crc = 0xFFFF
+    table = _CRC_TABLE
+    for byte in data:
+        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
+    return crc
+
+
+def frame(slave: int, pdu: bytes) -> bytes:
+    """An RTU ADU: slave address, PDU, CRC (low byte first)."""
+    body = bytes((slave,)) + pdu
+    crc = crc16(body)
+    return body + bytes((crc & 0xFF, crc >> 8))
+
+
+def crc_ok(adu: bytes | bytearray | memoryview) -> bool:
+    return len(adu) >= 4 and crc16(adu[:-2]) == adu[-2] | (adu[-1] << 8)
+
+
+# ---------------------------------------------------------------- line timing
+
+def char_time(baudrate: int, parity: str = "N", stopbits: int = 1, bytesize: int = 8) -> float:
+    """Seconds one character occupies on the wire (start bit + data + parity + stop)."""
+    bits = 1 + bytesize + (0 if parity == "N" else 1) + stopbits
+    return bits / baudrate
+
+
+def silence(baudrate: int, parity: str = "N", stopbits: int = 1, bytesize: int = 8) -> float:
+    """The inter-frame gap t3.5; fixed at 1.75 ms above 19200 baud (Modbus serial line spec)."""
+    if baudrate > 19200:
+        return 0.00175
+    return 3.5 * char_time(baudrate, parity, stopbits, bytesize)
+
+
+# ------------------------------------------------------------ master (client)
+
+@dataclass(frozen=True)
+class ReplyScan:
+    """Result of scanning the receive buffer for the awaited reply."""
+
+    pdu: bytes | None  # the reply PDU (normal or exception) when found
+    end: int  # bytes of the buffer consumed (through the frame, or garbage before a candidate)
+    crc_errors: int = 0  # candidate frames (right slave+function+length) with a bad CRC
+    skipped: int = 0  # stray bytes skipped before the frame
+
+
+def find_reply(buf: bytes | bytearray, slave: int, request: P.Request) -> ReplyScan:
+    """Look for the reply to ``request`` from ``slave`` in ``buf``.
+
+    A candidate starts with the slave address and the function code (or its
+    exception form) and must have the exact expected length and a valid CRC.
+    Stray bytes before it are skipped; a candidate with a bad CRC is counted
+    and skipped, since a true reply may still follow it.
+    """
+    fc = request.function
+    normal_len = 1 + P.expected_response_length(request) + 2
+    crc_errors = 0
+    i = 0
+    n = len(buf)
+    while i + 1 < n:
+        if buf[i] == slave and buf[i + 1] in (fc, fc | 0x80):
+            length = 5 if buf[i + 1] & 0x80 else normal_len
+            if i + length > n:
+                break  # possibly our reply, still arriving
+            candidate = bytes(buf[i:i + length])
+            if crc_ok(candidate):
+                return ReplyScan(candidate[1:-2], i + length, crc_errors, i)
+            crc_errors += 1
+        i += 1
+    return ReplyScan(None, i, crc_errors, i)
+
+
+def max_reply_length(request: P.Request) -> int:
+    return 1 + P.expected_response_length(request) + 2
+
+
+# ------------------------------------------------------------- slave (server)
+
+def request_length(buf: bytes | bytearray) -> int | None:
+    """Length of the request ADU starting at buf[0], None if not yet known, 0 if unknown function."""
+    if len(buf) < 2:
+        return None
+    fc = buf[1]
+    if fc in (1, 2, 3, 4, 5, 6):
+        return 8
+    if fc in (15, 16):
+        if len(buf) < 7:
+            return None
+        return 9 + buf[6]
+    return 0
+
+
+def decode_request(buf: bytes | bytearray) -> tuple[int, tuple[int, bytes] | None]:
+    """Slave side: (bytes consumed, (slave, pdu) | None).
+
+    Garbage and frames with a bad CRC are consumed one byte at a time until a
+    valid frame lines up, which is how a slave resynchronises on a noisy line.
+    """
+    start = 0
+    while True:
+        rest = buf[start:]
+        length = request_length(rest)
+        if length is None:
+            return start, None
+        if length and len(rest) < length:
+            return start, None
+        if length and crc_ok(rest[:length]):
+            return start + length, (rest[0], bytes(rest[1:length - 2]))
+        start += 1

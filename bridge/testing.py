@@ -1,0 +1,152 @@
+"""Test helpers that ship with the package: a bridge on simulated meters, a raw Modbus TCP client.
+
+Used by the test suite and the benchmarks; real ptys and real loopback sockets,
+nothing mocked.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+
+from . import mbap
+from .app import App
+from .model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
+from .profiles import get_builtin
+from .simulator import SimMeter, SimulatedBus
+
+
+@dataclass
+class MeterSpec:
+    name: str
+    slave: int
+    unit: int
+    profile: str = "eastron-sdm120"
+    poll_interval: float = 0.1
+    writable: bool = False
+    animate: bool = False
+
+
+@dataclass
+class Harness:
+    app: App
+    buses: dict[str, SimulatedBus]
+    sims: dict[str, SimMeter]  # by meter name
+    meters: dict[str, MeterConfig] = field(default_factory=dict)
+
+    @property
+    def modbus_port(self) -> int:
+        assert self.app.modbus is not None
+        return self.app.modbus.port
+
+    def segment(self, name: str):
+        return next(s for s in self.app.segments if s.cfg.name == name)
+
+    async def polls(self, meter: str, n: int = 1, timeout: float = 5.0) -> None:
+        """Wait until ``meter`` has answered ``n`` more complete polls (image marked good)."""
+        unit = self.meters[meter].unit
+        seg = next(s for s in self.app.segments if unit in s.meters)
+        state = seg.meters[unit]
+        target = state.counters.good + n * len(state.blocks)
+        async with asyncio.timeout(timeout):
+            while state.counters.good < target:
+                await asyncio.sleep(0.005)
+
+
+@asynccontextmanager
+async def running_bridge(
+    layout: dict[str, list[MeterSpec]],
+    *,
+    stale_after: float = 1.0,
+    timeout: float = 0.1,
+    retries: int = 1,
+    **segment_options,
+) -> AsyncIterator[Harness]:
+    """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port."""
+    buses, sims, segments, meters = {}, {}, [], {}
+    for seg_name, specs in layout.items():
+        seg_sims = []
+        seg_meters = []
+        for spec in specs:
+            profile = get_builtin(spec.profile)
+            sim = SimMeter(spec.slave, profile, animate=spec.animate)
+            sims[spec.name] = sim
+            seg_sims.append(sim)
+            mc = MeterConfig(
+                spec.name, spec.slave, spec.unit, profile,
+                poll_interval=spec.poll_interval, writable=spec.writable, stale_after=stale_after,
+            )
+            meters[spec.name] = mc
+            seg_meters.append(mc)
+        bus = SimulatedBus(seg_sims)
+        buses[seg_name] = bus
+        segments.append(
+            SegmentConfig(seg_name, bus.open(), timeout=timeout, retries=retries, meters=tuple(seg_meters),
+                          **segment_options)
+        )
+    config = Config(
+        tuple(segments),
+        stale_after=stale_after,
+        modbus_tcp=ModbusTcpConfig(host="127.0.0.1", port=0),
+        opcua=OpcUaConfig(enabled=False),
+    )
+    app = App(config)
+    runner = asyncio.create_task(app.run())
+    try:
+        await app.listening.wait()
+        yield Harness(app, buses, sims, meters)
+    finally:
+        app.stop()
+        await runner
+        for bus in buses.values():
+            bus.close()
+
+
+class RawModbusClient:
+    """A minimal Modbus TCP client: explicit transaction ids, pipelining, raw PDUs."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self._tid = 0
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> "RawModbusClient":
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    def send(self, unit: int, pdu: bytes, tid: int | None = None) -> int:
+        if tid is None:
+            self._tid = (self._tid + 1) & 0xFFFF
+            tid = self._tid
+        self.writer.write(mbap.encode(tid, unit, pdu))
+        return tid
+
+    async def receive(self, timeout: float = 2.0) -> mbap.Frame:
+        async with asyncio.timeout(timeout):
+            header = await self.reader.readexactly(mbap.HEADER)
+            length = struct.unpack(">H", header[4:6])[0]
+            body = await self.reader.readexactly(length - 1)
+        _, frame = mbap.decode(header + body)
+        assert frame is not None
+        return frame
+
+    async def request(self, unit: int, pdu: bytes) -> bytes:
+        tid = self.send(unit, pdu)
+        frame = await self.receive()
+        assert frame.tid == tid, f"reply tid {frame.tid} != request tid {tid}"
+        return frame.pdu
+
+    async def read(self, unit: int, function: int, address: int, count: int) -> bytes:
+        return await self.request(unit, struct.pack(">BHH", function, address, count))
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+__all__ = ["Harness", "MeterSpec", "RawModbusClient", "running_bridge"]
