@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from .errors import BridgeError, ConfigError
+from .profiles import UnknownProfile
 
 PROG = "modbus-bridge"
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"{PROG}: error: {issue}", file=sys.stderr)
+        return 2
+    except UnknownProfile as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except BridgeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

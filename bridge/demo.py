@@ -34,6 +34,8 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
                 "        poll_interval: 0.5",
                 f"        writable: {'true' if name == 'sockets' else 'false'}",
             ]
+            if name == "incomer":  # mirror the SDM120's first 80 input registers, as PLC drivers read them
+                lines += ["        ranges:", "          - {function: input, start: 0x0000, count: 80}"]
     lines += [
         "stale_after: 5.0",
         "modbus_tcp:",
@@ -57,11 +59,10 @@ def banner(app: App, config_path: Path) -> str:
         for m in seg.meters:
             rows.append(f"    unit {m.unit:<3} {m.name:<10} {m.profile.name:<16} segment {seg.name} slave {m.slave}")
     rows += [
-        "  try (voltage, current of unit 1 as big-endian floats, input registers 1..4):",
-        f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 4 -1 127.0.0.1",
-        "  or with Python:",
-        f"    python -c \"from pymodbus.client import ModbusTcpClient as C; c=C('127.0.0.1',port={port}); "
-        "c.connect(); print(c.read_input_registers(0,count=2,device_id=1).registers)\"",
+        "  try, from another terminal:",
+        f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 1 -1 127.0.0.1     # unit 1 voltage (V)",
+        f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 40 -1 127.0.0.1    # unit 1, 80 mirrored registers",
+        f"    mbpoll -m tcp -p {port} -a 12 -t 3:float -B -r 13 -c 1 127.0.0.1      # unit 12 active power, every second",
     ]
     return "\n".join(rows)
 

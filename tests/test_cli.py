@@ -1,0 +1,125 @@
+"""The command line as a user meets it: real subprocesses, real ptys, real clients."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from bridge import codec
+from bridge.codec import DataType
+from bridge.profiles import get_builtin
+from bridge.simulator import SimMeter, SimulatedBus
+from bridge.testing import RawModbusClient
+
+BRIDGE = [sys.executable, "-m", "bridge"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait_for_line(stream: asyncio.StreamReader, pattern: str, timeout: float = 15.0) -> re.Match:
+    seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError(f"process ended before printing {pattern!r}: {''.join(seen)}")
+            seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+
+
+async def test_run_serves_meters_and_stops_cleanly_on_sigterm(tmp_path):
+    sim = SimMeter(7, get_builtin("eastron-sdm120"), animate=False)
+    sim.set_value("voltage", 229.5)
+    async with SimulatedBus([sim]) as bus:
+        cfg = tmp_path / "bridge.yaml"
+        cfg.write_text(
+            "segments:\n"
+            f"  - name: seg\n    port: {bus.path}\n    timeout: 0.2\n"
+            "    meters:\n      - {name: m, slave: 7, unit: 70, profile: eastron-sdm120, poll_interval: 0.1}\n"
+            "modbus_tcp:\n  listen: 127.0.0.1:0\nopcua:\n  enabled: false\n"
+        )
+        proc = await asyncio.create_subprocess_exec(*BRIDGE, "run", "-c", str(cfg), stderr=asyncio.subprocess.PIPE)
+        try:
+            port = int((await _wait_for_line(proc.stderr, r"Modbus TCP listening on 127\.0\.0\.1:(\d+)")).group(1))
+            client = await RawModbusClient.connect(port)
+            try:
+                async with asyncio.timeout(5):
+                    while (reply := await client.read(70, 4, 0, 2)) == b"\x84\x0b":
+                        await asyncio.sleep(0.05)
+                assert codec.decode(codec.bytes_to_registers(reply[2:]), DataType.FLOAT32) == 229.5
+            finally:
+                await client.close()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):
+                assert await proc.wait() == 0
+            rest = (await proc.stderr.read()).decode()
+            assert "Traceback" not in rest
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def test_demo_is_read_by_mbpoll():
+    """`modbus-bridge demo` on the ports asked for, read by libmodbus's mbpoll."""
+    mbpoll = shutil.which("mbpoll")
+    assert mbpoll, "mbpoll is installed by `make test` (Debian package mbpoll)"
+    port = free_port()
+    proc = subprocess.Popen(
+        [*BRIDGE, "demo", "--modbus-port", str(port), "--opcua-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "Modbus TCP:" in line:
+                assert line.strip().endswith(f"127.0.0.1:{port}")
+                break
+        else:
+            raise AssertionError(f"demo printed no endpoint: {proc.stderr.read()}")
+        values = []
+        for _ in range(50):  # the first poll may not have completed yet
+            out = subprocess.run(
+                [mbpoll, "-m", "tcp", "-p", str(port), "-a", "1", "-t", "3:float", "-B", "-r", "1", "-c", "1",
+                 "-1", "127.0.0.1"], capture_output=True, text=True, timeout=10,
+            )
+            values = re.findall(r"^\[1\]:\s+(\S+)", out.stdout, re.M)
+            if out.returncode == 0 and values:
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert values, out.stdout + out.stderr
+        assert 220.0 < float(values[0]) < 240.0, f"unit 1 voltage is {values[0]}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(timeout=5) == 0
+        finally:
+            proc.kill()
+
+
+def test_profiles_json_and_show():
+    out = subprocess.run([*BRIDGE, "profiles", "--json"], capture_output=True, text=True, check=True)
+    names = [p["name"] for p in json.loads(out.stdout)]
+    assert "eastron-sdm120" in names and "eastron-sdm630" in names
+    out = subprocess.run([*BRIDGE, "profiles", "eastron-sdm120", "--json"], capture_output=True, text=True, check=True)
+    shown = json.loads(out.stdout)
+    assert [m["name"] for m in shown["measurements"]][:3] == ["voltage", "current", "active_power"]
+
+
+@pytest.mark.parametrize("argv", [["profiles", "no-such-meter"], ["check", "-c", "/nonexistent/bridge.yaml"]])
+def test_bad_input_is_one_line_and_exit_2(argv):
+    out = subprocess.run([*BRIDGE, *argv], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modbus-bridge: error:"), out.stderr
