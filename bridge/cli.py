@@ -145,7 +145,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
         print(json.dumps([{"name": p.name, "description": p.description} for p in profiles]))
     else:
         for p in profiles:
-            print(f"{p.name:<20} {p.description.splitlines()[0] if p.description else ''}")
+            print(f"{p.name:<20} {p.description.split('. ')[0].rstrip('.')}")
     return 0
 
 

@@ -187,11 +187,18 @@ class _Builder:
             if rec.valid("profile") else None
         table = profile.function if profile else Function.INPUT
         ranges = build_ranges(v["ranges"], ctx.child("ranges"), table)
+        stale_after = self.stale_after if not rec.valid("stale_after") or v["stale_after"] is None \
+            else v["stale_after"]
+        if rec.valid("poll_interval") and v["poll_interval"] >= stale_after:
+            # such a meter would go stale between every two polls and clients would get 0x0B
+            key = "poll_interval" if "poll_interval" in rec.given else "name"
+            ctx.child("poll_interval").report(
+                rec.lines.get(key), f"poll_interval {v['poll_interval']:g} s must be shorter than "
+                f"stale_after {stale_after:g} s, or the meter is stale between polls")
         if not rec.ok or profile is None or unit is None:
             return None
         values = rec.kwargs(METER_SCHEMA)
-        values.update(unit=unit, profile=profile, ranges=ranges,
-                      stale_after=self.stale_after if v["stale_after"] is None else v["stale_after"])
+        values.update(unit=unit, profile=profile, ranges=ranges, stale_after=stale_after)
         return MeterConfig(**values)
 
     def _unit(self, rec: Record, name: str, ctx: Ctx) -> int | None:

@@ -7,7 +7,7 @@ import struct
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from bridge import codec
+from bridge import codec, mbap
 from bridge.codec import DataType
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge
 
@@ -184,10 +184,8 @@ async def test_pipelined_requests_in_one_segment():
         c = await RawModbusClient.connect(h.modbus_port)
         try:
             requests = [(100 + i, (11, 21, 99)[i % 3]) for i in range(30)]
-            c.writer.write(b"".join(
-                __import__("bridge.mbap", fromlist=["encode"]).encode(tid, unit, struct.pack(">BHH", 4, 0, 2))
-                for tid, unit in requests
-            ))
+            # all thirty in one write, so they arrive together in one or a few TCP segments
+            c.writer.write(b"".join(mbap.encode(tid, unit, struct.pack(">BHH", 4, 0, 2)) for tid, unit in requests))
             replies = {}
             for _ in requests:
                 frame = await c.receive()
@@ -269,3 +267,30 @@ async def test_reply_not_matching_its_request_is_never_stored():
             assert f32(await c.read(11, 4, 0, 2), 2) == 240.0
         finally:
             await c.close()
+
+
+async def test_retries_and_timeout_are_honoured():
+    layout = {"s": [MeterSpec("m", 1, 11, poll_interval=0.05), MeterSpec("dead", 2, 12, poll_interval=0.05)]}
+    async with running_bridge(layout, timeout=0.05, retries=2) as h:
+        # one garbled reply is retried and the poll still succeeds
+        await h.polls("m", 1)
+        h.sims["m"].faults.corrupt = 1
+        await h.polls("m", 2)
+        assert h.segment("s").meters[11].counters.retries >= 1
+        assert h.segment("s").meters[11].counters.crc_errors == 1
+        assert h.app.image.health(11).value == "fresh"
+        # a silent meter is asked exactly retries + 1 times per failed poll; after 3 failed polls it
+        # is offline and left alone for 10 s, so the count is exact
+        await h.polls("dead", 1)
+        log = h.buses["s"].stats.log
+        start = len(log)
+        h.sims["dead"].faults.silent = True
+        dead = h.segment("s").meters[12]
+        async with asyncio.timeout(3):
+            while not dead.offline:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        asked = [fc for _, slave, fc in list(log)[start:] if slave == 2]
+        assert len(asked) == 3 * 3, asked
+        assert dead.counters.timeouts == 9
+        assert h.app.image.health(12).value == "offline"

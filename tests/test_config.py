@@ -636,3 +636,24 @@ def test_parse_yaml_reports_unknown_tags_and_control_characters():
     assert [(i.line, i.key) for i in issues] == [(2, "b")]
     root, issues = parse_yaml("a: 1\nb: \x07\n", "mem")
     assert root is None and issues[0].line == 2 and issues[0].message.startswith("invalid YAML")
+
+
+def test_poll_interval_not_shorter_than_stale_after_is_an_error(tmp_path):
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "segments:\n"
+        "  - name: a\n"
+        "    port: /dev/ttyUSB0\n"
+        "    meters:\n"
+        "      - name: slow\n"
+        "        slave: 1\n"
+        "        profile: eastron-sdm120\n"
+        "        poll_interval: 30\n"
+        "      - {name: ok, slave: 2, profile: eastron-sdm120, poll_interval: 30, stale_after: 60}\n"
+        "stale_after: 10\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    [issue] = err.value.issues
+    assert (issue.line, issue.key) == (8, "segments[0].meters[0].poll_interval")
+    assert "stale_after 10 s" in issue.message

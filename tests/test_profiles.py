@@ -84,7 +84,7 @@ def test_sdm120_has_exactly_the_14_mapped_input_registers():
         assert (m.dtype, m.function, m.word_order, m.scale) == (
             DataType.FLOAT32, Function.INPUT, WordOrder.BIG, 1.0)
     assert profile.ranges == ()
-    assert profile.max_read == 125 and profile.read_gaps is True
+    assert profile.max_read == 80 and profile.read_gaps is True  # Eastron: 40 parameters per request
     assert "2400" in profile.description and "9600" in profile.description
 
 
