@@ -69,17 +69,21 @@ def decode(registers: Sequence[int], dtype: DataType, word_order: WordOrder = Wo
     if len(registers) != count:
         raise ValueError(f"{dtype.value} needs {count} registers, got {len(registers)}")
     words = registers if word_order is WordOrder.BIG else list(reversed(registers))
-    return struct.unpack(fmt, struct.pack(f">{count}H", *words))[0]
+    try:
+        raw = struct.pack(f">{count}H", *words)
+    except struct.error:
+        raise ValueError(f"registers must be 0..65535, got {list(registers)}") from None
+    return struct.unpack(fmt, raw)[0]
 
 
 def encode(value: int | float, dtype: DataType, word_order: WordOrder = WordOrder.BIG) -> tuple[int, ...]:
     """Encode a number into registers; raises ValueError if it does not fit the type."""
     fmt, count = _FORMATS[dtype]
-    if not dtype.is_float:
-        value = int(value)
     try:
+        if not dtype.is_float:
+            value = int(value)
         raw = struct.pack(fmt, value)
-    except struct.error as exc:
+    except (struct.error, OverflowError, ValueError) as exc:
         raise ValueError(f"{value!r} does not fit {dtype.value}: {exc}") from None
     words = struct.unpack(f">{count}H", raw)
     return words if word_order is WordOrder.BIG else tuple(reversed(words))

@@ -83,19 +83,23 @@ def find_reply(buf: bytes | bytearray, slave: int, request: P.Request) -> ReplyS
     fc = request.function
     normal_len = 1 + P.expected_response_length(request) + 2
     crc_errors = 0
+    pending = None  # first candidate still arriving: keep it, but look on for a complete frame
     i = 0
     n = len(buf)
     while i + 1 < n:
         if buf[i] == slave and buf[i + 1] in (fc, fc | 0x80):
             length = 5 if buf[i + 1] & 0x80 else normal_len
             if i + length > n:
-                break  # possibly our reply, still arriving
-            candidate = bytes(buf[i:i + length])
-            if crc_ok(candidate):
-                return ReplyScan(candidate[1:-2], i + length, crc_errors, i)
-            crc_errors += 1
+                if pending is None:
+                    pending = i
+            else:
+                candidate = bytes(buf[i:i + length])
+                if crc_ok(candidate):
+                    return ReplyScan(candidate[1:-2], i + length, crc_errors, i)
+                crc_errors += 1
         i += 1
-    return ReplyScan(None, i, crc_errors, i)
+    end = pending if pending is not None else i
+    return ReplyScan(None, end, crc_errors, end)
 
 
 def max_reply_length(request: P.Request) -> int:
