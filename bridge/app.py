@@ -7,6 +7,7 @@ never connects to a bridge without pollers. ``stop`` ends them all.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from . import pdu as P
@@ -14,6 +15,7 @@ from .errors import BridgeError
 from .image import RegisterImage
 from .model import Config
 from .modbus_server import ModbusTcpServer
+from .opcua_server import OpcUaServer
 from .segment import LinkFactory, Segment, open_link
 
 log = logging.getLogger("bridge.app")
@@ -30,6 +32,9 @@ class App:
         self.modbus: ModbusTcpServer | None = None
         if config.modbus_tcp.enabled:
             self.modbus = ModbusTcpServer(self.image, self._route_write)
+        self.opcua: OpcUaServer | None = None
+        if config.opcua.enabled:
+            self.opcua = OpcUaServer(config.opcua, config, self.image, self.segments)
         self.listening = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -44,6 +49,11 @@ class App:
                 tasks.append(tg.create_task(self._sweep(), name="staleness sweep"))
                 try:
                     await self._start_servers()
+                    if self.opcua is not None:
+                        tasks.append(tg.create_task(self.opcua.run(), name="opcua writer"))
+                    # the address space and the profiles live for the whole run: keep them out of
+                    # every future garbage collection pass (a full pass over them takes ~1 s)
+                    gc.freeze()
                     self.listening.set()
                     await self._stop.wait()
                 finally:
@@ -61,10 +71,14 @@ class App:
             tcp = self.config.modbus_tcp
             await self.modbus.start(tcp.host, tcp.port)
             log.info("Modbus TCP listening on %s:%d", tcp.host, self.modbus.port)
+        if self.opcua is not None:
+            await self.opcua.start()
 
     async def _stop_servers(self) -> None:
         if self.modbus is not None:
             await self.modbus.stop()
+        if self.opcua is not None:
+            await self.opcua.stop()
 
     async def _sweep(self) -> None:
         while True:

@@ -84,6 +84,7 @@ class Segment:
         self._line_free_at = 0.0  # monotonic time after which the next frame may start
         self.port_ok = False
         self.cycle_time = 0.0  # seconds for the last round of every meter
+        self.busy_time = 0.0  # seconds spent in transactions (the line was not free); for utilisation
         self.tried_all = asyncio.Event()  # every meter polled at least once (readiness)
 
     # ------------------------------------------------------------ public API
@@ -208,10 +209,13 @@ class Segment:
             if attempt:
                 self.counters.retries += 1
                 state.counters.retries += 1
+            started = time.monotonic()
             try:
                 return await self._once(state, request)
             except (ReplyTimeout, BadReply) as exc:
                 last = exc
+            finally:
+                self.busy_time += time.monotonic() - started
         assert last is not None
         raise last
 

@@ -6,6 +6,7 @@ nothing mocked.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ class Harness:
     meters: dict[str, MeterConfig] = field(default_factory=dict)
 
     @property
+    def opcua_endpoint(self) -> str:
+        return self.app.config.opcua.endpoint
+
+    @property
     def modbus_port(self) -> int:
         assert self.app.modbus is not None
         return self.app.modbus.port
@@ -62,9 +67,12 @@ async def running_bridge(
     stale_after: float = 1.0,
     timeout: float = 0.1,
     retries: int = 1,
+    opcua: bool = False,
+    namespace: str = "urn:modbus-bridge",
     **segment_options,
 ) -> AsyncIterator[Harness]:
-    """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port."""
+    """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port
+    (and OPC UA on another when ``opcua``)."""
     buses, sims, segments, meters = {}, {}, [], {}
     for seg_name, specs in layout.items():
         seg_sims = []
@@ -90,18 +98,28 @@ async def running_bridge(
         tuple(segments),
         stale_after=stale_after,
         modbus_tcp=ModbusTcpConfig(host="127.0.0.1", port=0),
-        opcua=OpcUaConfig(enabled=False),
+        opcua=OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge", namespace=namespace),
     )
     app = App(config)
     runner = asyncio.create_task(app.run())
     try:
-        await app.listening.wait()
+        listening = asyncio.create_task(app.listening.wait())
+        await asyncio.wait({runner, listening}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            await runner  # it could not start: raise why
         yield Harness(app, buses, sims, meters)
     finally:
         app.stop()
         await runner
         for bus in buses.values():
             bus.close()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers that cannot bind port 0 themselves)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class RawModbusClient:
@@ -149,4 +167,4 @@ class RawModbusClient:
             pass
 
 
-__all__ = ["Harness", "MeterSpec", "RawModbusClient", "running_bridge"]
+__all__ = ["Harness", "MeterSpec", "RawModbusClient", "free_port", "running_bridge"]

@@ -1,0 +1,146 @@
+"""Building an OPC UA address space fast, straight into asyncua's node store.
+
+asyncua's AddNodes path checks every item and scans the parent's references for
+duplicates on each insertion, which makes a panel-scale tree (tens of thousands
+of nodes) take tens of seconds. Our tree is generated, so its names are unique
+by construction: this builder creates the node records directly and shares the
+immutable attribute values between nodes, which also saves most of the memory.
+"""
+from __future__ import annotations
+
+from asyncua import ua
+from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
+
+A = ua.AttributeIds
+_HAS_COMPONENT = ua.NodeId(ua.ObjectIds.HasComponent)
+_HAS_PROPERTY = ua.NodeId(ua.ObjectIds.HasProperty)
+_ORGANIZES = ua.NodeId(ua.ObjectIds.Organizes)
+_HAS_TYPE = ua.NodeId(ua.ObjectIds.HasTypeDefinition)
+
+FOLDER_TYPE = ua.NodeId(ua.ObjectIds.FolderType)
+BASE_OBJECT_TYPE = ua.NodeId(ua.ObjectIds.BaseObjectType)
+ANALOG_ITEM_TYPE = ua.NodeId(ua.ObjectIds.AnalogItemType)
+BASE_DATA_VARIABLE_TYPE = ua.NodeId(ua.ObjectIds.BaseDataVariableType)
+PROPERTY_TYPE = ua.NodeId(ua.ObjectIds.PropertyType)
+
+_TYPE_NAMES = {
+    FOLDER_TYPE: "FolderType",
+    BASE_OBJECT_TYPE: "BaseObjectType",
+    ANALOG_ITEM_TYPE: "AnalogItemType",
+    BASE_DATA_VARIABLE_TYPE: "BaseDataVariableType",
+    PROPERTY_TYPE: "PropertyType",
+}
+
+
+def _const(value, vtype: ua.VariantType) -> AttributeValue:
+    return AttributeValue(ua.DataValue(ua.Variant(value, vtype)))
+
+
+class NodeBuilder:
+    """Adds objects, variables and properties under existing nodes. Not for concurrent use."""
+
+    def __init__(self, aspace: AddressSpace, namespace_index: int):
+        self.aspace = aspace
+        self.ns = namespace_index
+        # attribute values every node of a kind shares (never written after the build)
+        self._object_class = _const(ua.NodeClass.Object, ua.VariantType.Int32)
+        self._variable_class = _const(ua.NodeClass.Variable, ua.VariantType.Int32)
+        self._zero32 = _const(0, ua.VariantType.UInt32)
+        self._no_events = _const(0, ua.VariantType.Byte)
+        self._scalar = _const(-1, ua.VariantType.Int32)
+        self._no_dims = AttributeValue(ua.DataValue(ua.Variant([], ua.VariantType.UInt32, is_array=True)))
+        self._read_only = _const(ua.AccessLevel.CurrentRead.mask, ua.VariantType.Byte)
+        self._sampling = _const(0.0, ua.VariantType.Double)
+        self._not_historizing = _const(False, ua.VariantType.Boolean)
+        self._datatypes: dict[int, AttributeValue] = {}
+        self._type_refs: dict[ua.NodeId, ua.ReferenceDescription] = {}
+
+    def nodeid(self, name: str) -> ua.NodeId:
+        return ua.NodeId(name, self.ns)
+
+    # ------------------------------------------------------------ public
+    def folder(self, parent: ua.NodeId, ident: str, name: str, description: str = "") -> ua.NodeId:
+        return self.object(parent, ident, name, description, type_def=FOLDER_TYPE, ref=_ORGANIZES)
+
+    def object(self, parent: ua.NodeId, ident: str, name: str, description: str = "",
+               type_def: ua.NodeId = BASE_OBJECT_TYPE, ref: ua.NodeId = _ORGANIZES) -> ua.NodeId:
+        nid = self.nodeid(ident)
+        node = self._node(nid, name, description, self._object_class)
+        node.attributes[A.EventNotifier] = self._no_events
+        self._link(parent, node, name, ua.NodeClass.Object, type_def, ref)
+        return nid
+
+    def variable(self, parent: ua.NodeId, ident: str, name: str, value: ua.Variant, datatype: int,
+                 description: str = "", type_def: ua.NodeId = BASE_DATA_VARIABLE_TYPE,
+                 ref: ua.NodeId = _HAS_COMPONENT, status: ua.StatusCode | None = None) -> NodeData:
+        """A read-only variable; returns its record so the caller can update the Value fast."""
+        nid = self.nodeid(ident)
+        node = self._node(nid, name, description, self._variable_class)
+        at = node.attributes
+        at[A.Value] = AttributeValue(ua.DataValue(value, StatusCode=status or ua.StatusCode()))
+        at[A.DataType] = self._datatype(datatype)
+        at[A.ValueRank] = self._scalar
+        at[A.ArrayDimensions] = self._no_dims
+        at[A.AccessLevel] = self._read_only
+        at[A.UserAccessLevel] = self._read_only
+        at[A.MinimumSamplingInterval] = self._sampling
+        at[A.Historizing] = self._not_historizing
+        cls = ua.NodeClass.Variable
+        self._link(parent, node, name, cls, type_def, ref)
+        return node
+
+    def property(self, parent: ua.NodeId, ident: str, name: str, value: ua.Variant, datatype: int) -> NodeData:
+        return self.variable(parent, ident, name, value, datatype, type_def=PROPERTY_TYPE, ref=_HAS_PROPERTY)
+
+    # ------------------------------------------------------------ internals
+    def _node(self, nid: ua.NodeId, name: str, description: str, node_class: AttributeValue) -> NodeData:
+        if nid in self.aspace:
+            raise ValueError(f"OPC UA node {nid.to_string()} already exists")
+        node = NodeData(nid)
+        at = node.attributes
+        at[A.NodeId] = AttributeValue(ua.DataValue(ua.Variant(nid, ua.VariantType.NodeId)))
+        at[A.BrowseName] = AttributeValue(
+            ua.DataValue(ua.Variant(ua.QualifiedName(name, self.ns), ua.VariantType.QualifiedName)))
+        at[A.NodeClass] = node_class
+        at[A.DisplayName] = AttributeValue(
+            ua.DataValue(ua.Variant(ua.LocalizedText(name), ua.VariantType.LocalizedText)))
+        at[A.Description] = AttributeValue(
+            ua.DataValue(ua.Variant(ua.LocalizedText(description), ua.VariantType.LocalizedText)))
+        at[A.WriteMask] = self._zero32
+        at[A.UserWriteMask] = self._zero32
+        self.aspace[nid] = node
+        return node
+
+    def _datatype(self, datatype: int) -> AttributeValue:
+        if datatype not in self._datatypes:
+            self._datatypes[datatype] = _const(ua.NodeId(datatype), ua.VariantType.NodeId)
+        return self._datatypes[datatype]
+
+    def _type_ref(self, type_def: ua.NodeId) -> ua.ReferenceDescription:
+        if type_def not in self._type_refs:
+            kind = ua.NodeClass.ObjectType if type_def in (FOLDER_TYPE, BASE_OBJECT_TYPE) else ua.NodeClass.VariableType
+            self._type_refs[type_def] = ua.ReferenceDescription(
+                ReferenceTypeId=_HAS_TYPE, IsForward=True, NodeId=type_def,
+                BrowseName=ua.QualifiedName(_TYPE_NAMES[type_def], 0),
+                DisplayName=ua.LocalizedText(_TYPE_NAMES[type_def]), NodeClass=kind,
+            )
+        return self._type_refs[type_def]
+
+    def _link(self, parent: ua.NodeId, node: NodeData, name: str, node_class: ua.NodeClass,
+              type_def: ua.NodeId, ref: ua.NodeId) -> None:
+        parent_node = self.aspace[parent]
+        browse = node.attributes[A.BrowseName].value.Value.Value
+        display = node.attributes[A.DisplayName].value.Value.Value
+        parent_node.references.append(ua.ReferenceDescription(
+            ReferenceTypeId=ref, IsForward=True, NodeId=node.nodeid, BrowseName=browse,
+            DisplayName=display, NodeClass=node_class, TypeDefinition=type_def,
+        ))
+        pat = parent_node.attributes
+        parent_class = pat[A.NodeClass].value.Value.Value
+        parent_type = next((r.NodeId for r in parent_node.references if r.ReferenceTypeId == _HAS_TYPE and r.IsForward),
+                           ua.NodeId())
+        node.references.append(ua.ReferenceDescription(
+            ReferenceTypeId=ref, IsForward=False, NodeId=parent, BrowseName=pat[A.BrowseName].value.Value.Value,
+            DisplayName=pat[A.DisplayName].value.Value.Value, NodeClass=parent_class, TypeDefinition=parent_type,
+        ))
+        node.references.append(self._type_ref(type_def))

@@ -1,0 +1,325 @@
+"""The OPC UA server: every meter's measurements, with units, quality and source timestamps.
+
+Built once from the configuration with ``NodeBuilder`` (fast, shared attribute
+values), then fed by the register image's change notifications: the listener
+only records what changed; one task decodes the changed measurements and
+writes the values that differ, yielding to the event loop every few hundred
+writes so the serial side and Modbus TCP clients are never held up.
+
+Status rule (see docs/opcua.md): never read → BadWaitingForInitialData;
+fresh → Good; stale → UncertainLastUsableValue (last value kept);
+offline → BadCommunicationError; Good again on the next good poll.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+from asyncua import Server, ua
+from asyncua.server.address_space import NodeData
+
+from . import __version__, codec
+from .image import Change, Health, RegisterImage
+from .model import Config, Measurement, MeterConfig, OpcUaConfig
+from .opcua_nodes import ANALOG_ITEM_TYPE, NodeBuilder
+from .units import CEFACT_NAMESPACE, unit_for
+
+log = logging.getLogger("bridge.opcua")
+
+YIELD_EVERY = 200  # value writes between two yields to the event loop
+DIAGNOSTICS_PERIOD = 1.0  # seconds between refreshes of counters and online flags
+
+_DT = ua.ObjectIds
+_STATUS = {
+    Health.NEVER_READ: ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData),
+    Health.FRESH: ua.StatusCode(ua.StatusCodes.Good),
+    Health.STALE: ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue),
+    Health.OFFLINE: ua.StatusCode(ua.StatusCodes.BadCommunicationError),
+}
+_NULL = ua.Variant(None, ua.VariantType.Null)
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+@dataclass
+class _Point:
+    """One measurement's node and what it last showed."""
+
+    measurement: Measurement
+    node: NodeData
+    value: float | None = None
+    status: ua.StatusCode | None = None
+    source_time: datetime | None = None
+
+
+class _Counters:
+    """Variables of one object whose values come from a dict of numbers, written when they change."""
+
+    def __init__(self, builder: NodeBuilder, parent: ua.NodeId, prefix: str, spec: dict[str, tuple[int, str]]):
+        self.nodes: dict[str, NodeData] = {}
+        self.last: dict[str, object] = {}
+        for name, (datatype, description) in spec.items():
+            self.nodes[name] = builder.variable(parent, f"{prefix}.{name}", name, _initial(datatype), datatype,
+                                                description)
+
+
+def _initial(datatype: int) -> ua.Variant:
+    return {
+        _DT.Boolean: ua.Variant(False, ua.VariantType.Boolean),
+        _DT.UInt32: ua.Variant(0, ua.VariantType.UInt32),
+        _DT.Double: ua.Variant(0.0, ua.VariantType.Double),
+        _DT.DateTime: ua.Variant(None, ua.VariantType.DateTime),
+        _DT.String: ua.Variant("", ua.VariantType.String),
+    }[datatype]
+
+
+_VTYPE = {
+    _DT.Boolean: ua.VariantType.Boolean,
+    _DT.UInt32: ua.VariantType.UInt32,
+    _DT.Double: ua.VariantType.Double,
+    _DT.DateTime: ua.VariantType.DateTime,
+    _DT.String: ua.VariantType.String,
+}
+
+METER_COUNTERS = {
+    "Online": (_DT.Boolean, "True while the meter answers its polls (not stale, not offline)"),
+    "LastGoodPoll": (_DT.DateTime, "Time of the last poll in which every block was read"),
+    "Requests": (_DT.UInt32, "Requests sent to this meter"),
+    "GoodReplies": (_DT.UInt32, "Replies that answered their request"),
+    "Timeouts": (_DT.UInt32, "Requests with no reply in time"),
+    "CrcErrors": (_DT.UInt32, "Replies with a bad CRC"),
+    "ProtocolErrors": (_DT.UInt32, "Replies with the wrong slave, function, length or echo"),
+    "ExceptionReplies": (_DT.UInt32, "Modbus exception replies"),
+    "Retries": (_DT.UInt32, "Requests repeated after a timeout or a bad reply"),
+    "LastError": (_DT.String, "The last error, empty while the meter is healthy"),
+}
+SEGMENT_COUNTERS = {
+    "PortOpen": (_DT.Boolean, "True while the serial port is open"),
+    "Requests": (_DT.UInt32, "Requests sent on this segment"),
+    "Errors": (_DT.UInt32, "CRC, protocol and exception errors on this segment"),
+    "Timeouts": (_DT.UInt32, "Requests with no reply in time"),
+    "CycleTime": (_DT.Double, "Seconds for the last round in which every meter was polled"),
+    "Utilisation": (_DT.Double, "Fraction of the last period the line was busy with transactions (0..1)"),
+}
+
+
+class OpcUaServer:
+    def __init__(self, cfg: OpcUaConfig, config: Config, image: RegisterImage, segments: Sequence = ()):
+        self.cfg = cfg
+        self.config = config
+        self.image = image
+        self.segments = list(segments)
+        self.server: Server | None = None
+        self.ns = 0
+        self._points: dict[int, list[_Point]] = {}  # unit -> its measurements
+        self._meter_counters: dict[int, _Counters] = {}
+        self._segment_counters: dict[str, _Counters] = {}
+        self._bridge: _Counters | None = None
+        self._dirty: dict[int, float | None] = {}  # unit -> newest reply time (None: health only)
+        self._wake = asyncio.Event()
+        self._started = time.time()
+        self._busy_before: dict[str, tuple[float, float]] = {}
+        self.build_seconds = 0.0
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        server = Server()
+        self.server = server
+        await server.init()
+        server.set_endpoint(self.cfg.endpoint)
+        server.set_server_name("modbus-bridge")
+        await server.set_application_uri(f"urn:modbus-bridge:{urlparse(self.cfg.endpoint).hostname}")
+        await server.set_build_info("https://github.com/modbus-bridge/modbus-bridge", "modbus-bridge",
+                                    "modbus-bridge", __version__, __version__, datetime.now(timezone.utc))
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        self.ns = await server.register_namespace(self.cfg.namespace)
+        self._build(NodeBuilder(server.iserver.aspace, self.ns))
+        self.image.subscribe(self._on_image)
+        for unit in self._points:
+            self._dirty[unit] = None
+        self.build_seconds = time.perf_counter() - t0
+        await server.start()
+        log.info("OPC UA listening on %s (%d variables, built in %.1f s)", self.cfg.endpoint,
+                 sum(len(p) for p in self._points.values()), self.build_seconds)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+    async def run(self) -> None:
+        """Write what changed, as it changes; refresh diagnostics periodically. Runs until cancelled."""
+        next_diag = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = max(0.0, next_diag - loop.time())
+            if not self._dirty:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            await self._flush()
+            if loop.time() >= next_diag:
+                await self._diagnostics()
+                next_diag = loop.time() + DIAGNOSTICS_PERIOD
+
+    # ---------------------------------------------------------- address space
+    def _build(self, b: NodeBuilder) -> None:
+        objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
+        meters = b.folder(objects, "Meters/", "Meters", "Every meter the bridge polls")
+        segments = b.folder(objects, "Segments/", "Segments", "The RS485 segments, one per serial port")
+        bridge = b.object(objects, "Bridge/", "Bridge", "The bridge itself")
+        b.property(bridge, "Bridge/.Version", "Version", ua.Variant(__version__, ua.VariantType.String), _DT.String)
+        b.property(bridge, "Bridge/.StartTime", "StartTime",
+                   ua.Variant(_utc(self._started), ua.VariantType.DateTime), _DT.DateTime)
+        self._bridge = _Counters(b, bridge, "Bridge/", {"Uptime": (_DT.Double, "Seconds since the bridge started")})
+        for seg in self.config.segments:
+            node = b.object(segments, f"Segments/{seg.name}", seg.name, f"Segment on {seg.port}")
+            ident = f"Segments/{seg.name}"
+            for name, value, vt, dt in (
+                ("Port", seg.port, ua.VariantType.String, _DT.String),
+                ("BaudRate", seg.baudrate, ua.VariantType.UInt32, _DT.UInt32),
+                ("Parity", seg.parity, ua.VariantType.String, _DT.String),
+                ("StopBits", seg.stopbits, ua.VariantType.UInt32, _DT.UInt32),
+            ):
+                b.property(node, f"{ident}.{name}", name, ua.Variant(value, vt), dt)
+            self._segment_counters[seg.name] = _Counters(b, node, ident, SEGMENT_COUNTERS)
+            for meter in seg.meters:
+                self._build_meter(b, meters, meter, seg.name)
+
+    def _build_meter(self, b: NodeBuilder, parent: ua.NodeId, meter: MeterConfig, segment: str) -> None:
+        profile = meter.profile
+        node = b.object(parent, meter.name, meter.name, profile.description.split(". ")[0])
+        for name, value, vt, dt in (
+            ("Segment", segment, ua.VariantType.String, _DT.String),
+            ("SlaveAddress", meter.slave, ua.VariantType.UInt32, _DT.UInt32),
+            ("UnitId", meter.unit, ua.VariantType.UInt32, _DT.UInt32),
+            ("Profile", profile.name, ua.VariantType.String, _DT.String),
+        ):
+            b.property(node, f"{meter.name}.{name}", name, ua.Variant(value, vt), dt)
+        self._meter_counters[meter.unit] = _Counters(b, node, meter.name, METER_COUNTERS)
+        points = []
+        for m in profile.measurements:
+            ident = f"{meter.name}.{m.name}"
+            var = b.variable(node, ident, m.name, _NULL, _DT.Double, m.description or m.name.replace("_", " "),
+                             type_def=ANALOG_ITEM_TYPE, status=_STATUS[Health.NEVER_READ])
+            b.property(var.nodeid, f"{ident}.EngineeringUnits", "EngineeringUnits",
+                       ua.Variant(_eu(m.unit), ua.VariantType.ExtensionObject), _DT.EUInformation)
+            points.append(_Point(m, var))
+        self._points[meter.unit] = points
+
+    # ------------------------------------------------------------- updates
+    def _on_image(self, change: Change | None, unit: int, health: Health) -> None:
+        """Image listener: remember what to refresh; the writer task does the work."""
+        if unit not in self._points:
+            return
+        stamp = change.timestamp if change is not None else None
+        prev = self._dirty.get(unit)
+        self._dirty[unit] = stamp if prev is None else max(prev, stamp or prev)
+        self._wake.set()
+
+    async def _flush(self) -> None:
+        writes = 0
+        while self._dirty:
+            unit, stamp = self._dirty.popitem()
+            health = self.image.health(unit)
+            status = _STATUS[health]
+            now = datetime.now(timezone.utc)
+            source = _utc(stamp) if stamp is not None else None
+            for point in self._points[unit]:
+                m = point.measurement
+                if health is Health.FRESH or health is Health.STALE:
+                    raw = self.image.value_registers(unit, m.function, m.address, m.count)
+                    value = codec.decode(codec.bytes_to_registers(raw), m.dtype, m.word_order) * m.scale
+                else:
+                    value = None
+                if value == point.value and status == point.status:
+                    continue
+                if value != point.value and source is not None:
+                    point.source_time = source
+                elif point.source_time is None or health in (Health.OFFLINE, Health.NEVER_READ):
+                    point.source_time = now
+                point.value, point.status = value, status
+                variant = _NULL if value is None else ua.Variant(float(value), ua.VariantType.Double)
+                dv = ua.DataValue(variant, StatusCode=status, SourceTimestamp=point.source_time,
+                                  ServerTimestamp=now)
+                await _write(point.node, dv)
+                writes += 1
+                if writes % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+        if writes:
+            await asyncio.sleep(0)
+
+    async def _diagnostics(self) -> None:
+        now_wall = time.time()
+        now = datetime.now(timezone.utc)
+        await self._set(self._bridge, {"Uptime": now_wall - self._started}, now)
+        mono = time.monotonic()
+        for seg in self.segments:
+            c = seg.counters
+            busy_before, at_before = self._busy_before.get(seg.cfg.name, (0.0, mono))
+            elapsed = mono - at_before
+            utilisation = min(1.0, (seg.busy_time - busy_before) / elapsed) if elapsed > 0 else 0.0
+            self._busy_before[seg.cfg.name] = (seg.busy_time, mono)
+            await self._set(self._segment_counters[seg.cfg.name], {
+                "PortOpen": seg.port_ok,
+                "Requests": c.requests,
+                "Errors": c.crc_errors + c.protocol_errors + c.exceptions,
+                "Timeouts": c.timeouts,
+                "CycleTime": seg.cycle_time,
+                "Utilisation": utilisation,
+            }, now)
+            for unit, state in seg.meters.items():
+                u = self.image.unit(unit)
+                mc = state.counters
+                await self._set(self._meter_counters[unit], {
+                    "Online": self.image.health(unit) is Health.FRESH,
+                    "LastGoodPoll": _utc(u.last_good_wall) if u.last_good_wall else None,
+                    "Requests": mc.requests,
+                    "GoodReplies": mc.good,
+                    "Timeouts": mc.timeouts,
+                    "CrcErrors": mc.crc_errors,
+                    "ProtocolErrors": mc.protocol_errors,
+                    "ExceptionReplies": mc.exceptions,
+                    "Retries": mc.retries,
+                    "LastError": u.last_error,
+                }, now)
+            await asyncio.sleep(0)
+
+    async def _set(self, counters: _Counters | None, values: dict[str, object], now: datetime) -> None:
+        if counters is None:
+            return
+        for name, value in values.items():
+            if counters.last.get(name, object()) == value:
+                continue
+            counters.last[name] = value
+            node = counters.nodes[name]
+            vtype = node.attributes[ua.AttributeIds.Value].value.Value.VariantType
+            await _write(node, ua.DataValue(ua.Variant(value, vtype), SourceTimestamp=now, ServerTimestamp=now))
+
+
+async def _write(node: NodeData, dv: ua.DataValue) -> None:
+    """What asyncua's write_attribute_value does for a Value, minus the per-call lookups and checks."""
+    attr = node.attributes[ua.AttributeIds.Value]
+    attr.value = dv
+    for handle, callback in list(attr.datachange_callbacks.items()):
+        await callback(handle, dv)
+
+
+def _eu(symbol: str) -> ua.EUInformation:
+    unit = unit_for(symbol)
+    if unit is None:  # not a unit we know a UNECE code for: no code (-1), the symbol as written
+        return ua.EUInformation(NamespaceUri=CEFACT_NAMESPACE, UnitId=-1, DisplayName=ua.LocalizedText(symbol),
+                                Description=ua.LocalizedText(symbol))
+    return ua.EUInformation(NamespaceUri=CEFACT_NAMESPACE, UnitId=unit.unit_id,
+                            DisplayName=ua.LocalizedText(unit.symbol), Description=ua.LocalizedText(unit.name))
