@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
+    # asyncua narrates every session at INFO; an appliance log wants our state changes, not that
+    logging.getLogger("asyncua").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

@@ -41,7 +41,6 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
         "modbus_tcp:",
         f"  listen: {host}:{modbus_port}",
         "opcua:",
-        "  enabled: false",
         f"  endpoint: opc.tcp://{host}:{opcua_port}/bridge",
     ]
     return "\n".join(lines) + "\n"
@@ -53,6 +52,7 @@ def banner(app: App, config_path: Path) -> str:
         "modbus-bridge demo is running (Ctrl-C to stop)",
         f"  configuration: {config_path}",
         f"  Modbus TCP:    127.0.0.1:{port}",
+        f"  OPC UA:        {app.config.opcua.endpoint}  (namespace {app.config.opcua.namespace}, no security)",
         "  meters:",
     ]
     for seg in app.config.segments:
@@ -63,6 +63,8 @@ def banner(app: App, config_path: Path) -> str:
         f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 1 -1 127.0.0.1     # unit 1 voltage (V)",
         f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 40 -1 127.0.0.1    # unit 1, 80 mirrored registers",
         f"    mbpoll -m tcp -p {port} -a 12 -t 3:float -B -r 13 -c 1 127.0.0.1      # unit 12 active power, every second",
+        f"    .venv/bin/uaread -u {app.config.opcua.endpoint} -n 'ns=2;s=incomer.voltage'",
+        f"    .venv/bin/uabrowse -u {app.config.opcua.endpoint} -n 'ns=2;s=Meters/' -l 2",
     ]
     return "\n".join(rows)
 

@@ -22,6 +22,7 @@ class Measurement:
     scale: float = 1.0
     unit: str = ""  # as written in the profile: V, A, W, var, VA, Hz, kWh, kvarh, deg, "" ...
     description: str = ""
+    eu_range: tuple[float, float] | None = None  # profile key: range [low, high], the value's normal span
 
     @property
     def count(self) -> int:

@@ -215,6 +215,10 @@ class OpcUaServer:
                              type_def=ANALOG_ITEM_TYPE, status=_STATUS[Health.NEVER_READ])
             b.property(var.nodeid, f"{ident}.EngineeringUnits", "EngineeringUnits",
                        ua.Variant(_eu(m.unit), ua.VariantType.ExtensionObject), _DT.EUInformation)
+            if m.eu_range is not None:
+                low, high = m.eu_range
+                b.property(var.nodeid, f"{ident}.EURange", "EURange",
+                           ua.Variant(ua.Range(Low=low, High=high), ua.VariantType.ExtensionObject), _DT.Range)
             points.append(_Point(m, var))
         self._points[meter.unit] = points
 

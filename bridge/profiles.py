@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ from .yamlsource import (
     number,
     one_of,
     parse_yaml,
+    plain,
     read_mapping,
     record_of,
+    show,
     text,
 )
 
@@ -40,6 +43,19 @@ PROFILE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 FUNCTION = one_of({"input": Function.INPUT, "holding": Function.HOLDING}, "function")
 WORD_ORDER = one_of({"big": WordOrder.BIG, "little": WordOrder.LITTLE}, "word_order")
 
+def _eu_range(node: Node, ctx: Ctx) -> Any:
+    """``[low, high]``, two finite numbers, low < high."""
+    value = plain(node)
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            or not value[0] < value[1]):
+        ctx.report(node.line, f"expected [low, high] with low < high, got {show(value)}")
+        return INVALID
+    return (float(value[0]), float(value[1]))
+
+
+EU_RANGE = _eu_range
+
 MEASUREMENT_SCHEMA: dict[str, Field] = {
     "name": Field(text(SNAKE_CASE, "use lower_snake_case, e.g. active_power_l1")),
     "address": Field(integer(0, TABLE_SIZE - 1)),
@@ -49,6 +65,7 @@ MEASUREMENT_SCHEMA: dict[str, Field] = {
     "description": Field(text(allow_empty=True), ""),
     "function": Field(FUNCTION, None),  # None: the profile's
     "word_order": Field(WORD_ORDER, None),  # None: the profile's
+    "range": Field(EU_RANGE, None, attr="eu_range"),  # [low, high]: OPC UA EURange
 }
 
 RANGE_SCHEMA: dict[str, Field] = {

@@ -409,3 +409,25 @@ def test_resolve_unknown_reference(tmp_path):
         resolve_profile("sdm120", tmp_path)
     with pytest.raises(UnknownProfile, match="profile file not found: .*missing.yaml"):
         resolve_profile("missing.yaml", tmp_path)
+
+
+def test_measurement_range_is_optional_and_checked(tmp_path):
+    path = tmp_path / "ranged.yaml"
+    path.write_text(
+        "name: ranged\n"
+        "measurements:\n"
+        "  - {name: power_factor, address: 0, type: float32, range: [-1, 1]}\n"
+        "  - {name: frequency, address: 2, type: float32}\n"
+    )
+    pf, freq = load_profile(path).measurements
+    assert pf.eu_range == (-1.0, 1.0) and freq.eu_range is None
+    path.write_text(
+        "name: ranged\n"
+        "measurements:\n"
+        "  - {name: power_factor, address: 0, type: float32, range: [1, -1]}\n"
+        "  - {name: frequency, address: 2, type: float32, range: 50}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    assert [(i.line, i.key) for i in err.value.issues] == [
+        (3, "measurements[0].range"), (4, "measurements[1].range")]
