@@ -70,23 +70,19 @@ class _Counters:
                                                 description)
 
 
-def _initial(datatype: int) -> ua.Variant:
-    return {
-        _DT.Boolean: ua.Variant(False, ua.VariantType.Boolean),
-        _DT.UInt32: ua.Variant(0, ua.VariantType.UInt32),
-        _DT.Double: ua.Variant(0.0, ua.VariantType.Double),
-        _DT.DateTime: ua.Variant(None, ua.VariantType.DateTime),
-        _DT.String: ua.Variant("", ua.VariantType.String),
-    }[datatype]
-
-
-_VTYPE = {
-    _DT.Boolean: ua.VariantType.Boolean,
-    _DT.UInt32: ua.VariantType.UInt32,
-    _DT.Double: ua.VariantType.Double,
-    _DT.DateTime: ua.VariantType.DateTime,
-    _DT.String: ua.VariantType.String,
+# the value a diagnostic variable shows before its first refresh, by data type
+_INITIAL = {
+    _DT.Boolean: (False, ua.VariantType.Boolean),
+    _DT.UInt32: (0, ua.VariantType.UInt32),
+    _DT.Double: (0.0, ua.VariantType.Double),
+    _DT.DateTime: (None, ua.VariantType.DateTime),
+    _DT.String: ("", ua.VariantType.String),
 }
+
+
+def _initial(datatype: int) -> ua.Variant:
+    return ua.Variant(*_INITIAL[datatype])
+
 
 METER_COUNTERS = {
     "Online": (_DT.Boolean, "True while the meter answers its polls (not stale, not offline)"),
