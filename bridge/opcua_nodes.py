@@ -72,10 +72,11 @@ class NodeBuilder:
 
     def variable(self, parent: ua.NodeId, ident: str, name: str, value: ua.Variant, datatype: int,
                  description: str = "", type_def: ua.NodeId = BASE_DATA_VARIABLE_TYPE,
-                 ref: ua.NodeId = _HAS_COMPONENT, status: ua.StatusCode | None = None) -> NodeData:
+                 ref: ua.NodeId = _HAS_COMPONENT, status: ua.StatusCode | None = None,
+                 browse_ns: int | None = None) -> NodeData:
         """A read-only variable; returns its record so the caller can update the Value fast."""
         nid = self.nodeid(ident)
-        node = self._node(nid, name, description, self._variable_class)
+        node = self._node(nid, name, description, self._variable_class, browse_ns)
         at = node.attributes
         at[A.Value] = AttributeValue(ua.DataValue(value, StatusCode=status or ua.StatusCode()))
         at[A.DataType] = self._datatype(datatype)
@@ -89,18 +90,23 @@ class NodeBuilder:
         self._link(parent, node, name, cls, type_def, ref)
         return node
 
-    def property(self, parent: ua.NodeId, ident: str, name: str, value: ua.Variant, datatype: int) -> NodeData:
-        return self.variable(parent, ident, name, value, datatype, type_def=PROPERTY_TYPE, ref=_HAS_PROPERTY)
+    def property(self, parent: ua.NodeId, ident: str, name: str, value: ua.Variant, datatype: int,
+                 standard: bool = False) -> NodeData:
+        """A property; ``standard`` for one the OPC UA type defines (its BrowseName is in namespace 0)."""
+        return self.variable(parent, ident, name, value, datatype, type_def=PROPERTY_TYPE, ref=_HAS_PROPERTY,
+                             browse_ns=0 if standard else None)
 
     # ------------------------------------------------------------ internals
-    def _node(self, nid: ua.NodeId, name: str, description: str, node_class: AttributeValue) -> NodeData:
+    def _node(self, nid: ua.NodeId, name: str, description: str, node_class: AttributeValue,
+              browse_ns: int | None = None) -> NodeData:
         if nid in self.aspace:
             raise ValueError(f"OPC UA node {nid.to_string()} already exists")
         node = NodeData(nid)
         at = node.attributes
         at[A.NodeId] = AttributeValue(ua.DataValue(ua.Variant(nid, ua.VariantType.NodeId)))
         at[A.BrowseName] = AttributeValue(
-            ua.DataValue(ua.Variant(ua.QualifiedName(name, self.ns), ua.VariantType.QualifiedName)))
+            ua.DataValue(ua.Variant(ua.QualifiedName(name, self.ns if browse_ns is None else browse_ns),
+                       ua.VariantType.QualifiedName)))
         at[A.NodeClass] = node_class
         at[A.DisplayName] = AttributeValue(
             ua.DataValue(ua.Variant(ua.LocalizedText(name), ua.VariantType.LocalizedText)))

@@ -65,6 +65,7 @@ class _Counters:
     def __init__(self, builder: NodeBuilder, parent: ua.NodeId, prefix: str, spec: dict[str, tuple[int, str]]):
         self.nodes: dict[str, NodeData] = {}
         self.last: dict[str, object] = {}
+        self.datatypes = {name: datatype for name, (datatype, _) in spec.items()}
         for name, (datatype, description) in spec.items():
             self.nodes[name] = builder.variable(parent, f"{prefix}.{name}", name, _initial(datatype), datatype,
                                                 description)
@@ -81,7 +82,9 @@ _INITIAL = {
 
 
 def _initial(datatype: int) -> ua.Variant:
-    return ua.Variant(*_INITIAL[datatype])
+    value, vtype = _INITIAL[datatype]
+    # a null DateTime cannot be encoded: "no time yet" is a null Variant
+    return ua.Variant(value, vtype if value is not None else ua.VariantType.Null)
 
 
 METER_COUNTERS = {
@@ -210,11 +213,12 @@ class OpcUaServer:
             var = b.variable(node, ident, m.name, _NULL, _DT.Double, m.description or m.name.replace("_", " "),
                              type_def=ANALOG_ITEM_TYPE, status=_STATUS[Health.NEVER_READ])
             b.property(var.nodeid, f"{ident}.EngineeringUnits", "EngineeringUnits",
-                       ua.Variant(_eu(m.unit), ua.VariantType.ExtensionObject), _DT.EUInformation)
+                       ua.Variant(_eu(m.unit), ua.VariantType.ExtensionObject), _DT.EUInformation, standard=True)
             if m.eu_range is not None:
                 low, high = m.eu_range
                 b.property(var.nodeid, f"{ident}.EURange", "EURange",
-                           ua.Variant(ua.Range(Low=low, High=high), ua.VariantType.ExtensionObject), _DT.Range)
+                           ua.Variant(ua.Range(Low=low, High=high), ua.VariantType.ExtensionObject), _DT.Range,
+                           standard=True)
             points.append(_Point(m, var))
         self._points[meter.unit] = points
 
@@ -235,7 +239,11 @@ class OpcUaServer:
             health = self.image.health(unit)
             status = _STATUS[health]
             now = datetime.now(timezone.utc)
+            u = self.image.unit(unit)
+            if stamp is None and health is Health.FRESH and u.last_good_wall is not None:
+                stamp = u.last_good_wall  # back to fresh: the values are those of the last good poll
             source = _utc(stamp) if stamp is not None else None
+            await self._set(self._meter_counters[unit], {"Online": health is Health.FRESH}, now)
             for point in self._points[unit]:
                 m = point.measurement
                 if health is Health.FRESH or health is Health.STALE:
@@ -245,10 +253,10 @@ class OpcUaServer:
                     value = None
                 if value == point.value and status == point.status:
                     continue
-                if value != point.value and source is not None:
-                    point.source_time = source
+                if source is not None and (value != point.value or health is Health.FRESH):
+                    point.source_time = source  # the reply this value came from
                 elif point.source_time is None or health in (Health.OFFLINE, Health.NEVER_READ):
-                    point.source_time = now
+                    point.source_time = now  # no value: when it was lost
                 point.value, point.status = value, status
                 variant = _NULL if value is None else ua.Variant(float(value), ua.VariantType.Double)
                 dv = ua.DataValue(variant, StatusCode=status, SourceTimestamp=point.source_time,
@@ -304,7 +312,7 @@ class OpcUaServer:
                 continue
             counters.last[name] = value
             node = counters.nodes[name]
-            vtype = node.attributes[ua.AttributeIds.Value].value.Value.VariantType
+            vtype = _INITIAL[counters.datatypes[name]][1] if value is not None else ua.VariantType.Null
             await _write(node, ua.DataValue(ua.Variant(value, vtype), SourceTimestamp=now, ServerTimestamp=now))
 
 

@@ -70,6 +70,7 @@ class ReplyScan:
     end: int  # bytes of the buffer consumed (through the frame, or garbage before a candidate)
     crc_errors: int = 0  # candidate frames (right slave+function+length) with a bad CRC
     skipped: int = 0  # stray bytes skipped before the frame
+    pending: bool = False  # a candidate has begun but not yet arrived in full
 
 
 def find_reply(buf: bytes | bytearray, slave: int, request: P.Request) -> ReplyScan:
@@ -99,7 +100,46 @@ def find_reply(buf: bytes | bytearray, slave: int, request: P.Request) -> ReplyS
                 crc_errors += 1
         i += 1
     end = pending if pending is not None else i
-    return ReplyScan(None, end, crc_errors, end)
+    return ReplyScan(None, end, crc_errors, end, pending is not None)
+
+
+def classify_failure(buf: bytes | bytearray, slave: int, request: P.Request) -> str:
+    """Why no reply to ``request`` was found in ``buf`` once the wait is over.
+
+    One of "timeout" (nothing came), "truncated" (our reply began but never
+    ended), "crc" (our reply with a bad CRC), "wrong_slave" (a well-formed frame
+    from another address) or "noise" (bytes that make no frame).
+    """
+    if not buf:
+        return "timeout"
+    scan = find_reply(buf, slave, request)
+    if scan.pending:
+        return "truncated"
+    if scan.crc_errors:
+        return "crc"
+    if _foreign_frame(buf, slave):
+        return "wrong_slave"
+    return "noise"
+
+
+def _foreign_frame(buf: bytes | bytearray, slave: int) -> bool:
+    """Whether ``buf`` holds a CRC-valid reply frame from an address other than ``slave``."""
+    n = len(buf)
+    for i in range(n - 4):
+        if buf[i] == slave:
+            continue
+        fc = buf[i + 1]
+        if fc & 0x80:
+            lengths = (5,)
+        elif fc in (1, 2, 3, 4):
+            lengths = (5 + buf[i + 2],)
+        elif fc in (5, 6, 15, 16):
+            lengths = (8,)
+        else:
+            continue
+        if any(i + length <= n and crc_ok(buf[i:i + length]) for length in lengths):
+            return True
+    return False
 
 
 def max_reply_length(request: P.Request) -> int:

@@ -28,6 +28,7 @@ class MeterSpec:
     poll_interval: float = 0.1
     writable: bool = False
     animate: bool = False
+    silent: bool = False  # the simulated meter never answers, from the first poll on
 
 
 @dataclass
@@ -80,6 +81,7 @@ async def running_bridge(
         for spec in specs:
             profile = get_builtin(spec.profile)
             sim = SimMeter(spec.slave, profile, animate=spec.animate)
+            sim.faults.silent = spec.silent
             sims[spec.name] = sim
             seg_sims.append(sim)
             mc = MeterConfig(

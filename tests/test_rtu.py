@@ -490,3 +490,15 @@ def test_request_length(length_fc, expected):
     assert rtu.request_length(bytes((1,) + length_fc)) == expected
     assert rtu.request_length(b"\x01") is None
     assert rtu.request_length(bytes.fromhex("01 10 00 00 00 02 04")) == 13
+
+
+# ----------------------------------------------------------- classify_failure
+
+def test_classify_failure_names_each_kind():
+    req = P.ReadRequest(4, 0, 2)
+    good = rtu.frame(1, b"\x04\x04\x43\x66\x00\x00")
+    assert rtu.classify_failure(b"", 1, req) == "timeout"
+    assert rtu.classify_failure(good[:5], 1, req) == "truncated"
+    assert rtu.classify_failure(good[:-1] + bytes((good[-1] ^ 0xFF,)), 1, req) == "crc"
+    assert rtu.classify_failure(rtu.frame(2, b"\x04\x04\x43\x66\x00\x00"), 1, req) == "wrong_slave"
+    assert rtu.classify_failure(b"\xff\x00\x13\x37", 1, req) == "noise"
