@@ -12,9 +12,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Debian peers the tests talk to (an independent Modbus client). CI runs as root.
-tools:
+NODE_CLIENT := tests/opcua_node_client
+
+# Independent peers the tests talk to: libmodbus's mbpoll (Debian; CI runs as root) and
+# node-opcua (npm), so our servers are checked by clients that share no code with us.
+tools: $(NODE_CLIENT)/node_modules/.installed
 	@command -v mbpoll >/dev/null || { apt-get update -qq && apt-get install -y -qq mbpoll >/dev/null; }
+
+$(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package-lock.json
+	npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund --loglevel=error
+	touch $@
 
 demo: $(STAMP)
 	$(VENV)/bin/modbus-bridge demo
