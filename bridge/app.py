@@ -34,7 +34,7 @@ class App:
             self.modbus = ModbusTcpServer(self.image, self._route_write)
         self.opcua: OpcUaServer | None = None
         if config.opcua.enabled:
-            self.opcua = OpcUaServer(config.opcua, config, self.image, self.segments)
+            self.opcua = OpcUaServer(config.opcua, config, self.image)
         self.listening = asyncio.Event()
         self._stop = asyncio.Event()
 

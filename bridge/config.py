@@ -78,6 +78,7 @@ METER_SCHEMA: dict[str, Field] = {
     "poll_interval": Field(number(ge=0), 1.0),
     "writable": Field(boolean(), False),
     "ranges": Field(RANGES, []),
+    "write_ranges": Field(RANGES, []),  # holding registers upstream writes may touch (needs writable)
     "stale_after": Field(number(gt=0), None),  # None: the bridge-wide value
 }
 
@@ -89,6 +90,8 @@ SEGMENT_SCHEMA: dict[str, Field] = {
     "stopbits": Field(one_of({1: 1, 2: 2}, "stopbits"), 1),
     "timeout": Field(number(gt=0), 0.5),
     "retries": Field(integer(0), 1),
+    "demote_after": Field(integer(1), 3),
+    "demote_interval": Field(number(gt=0), 10.0),
     "meters": Field(list_of(record_of(METER_SCHEMA), what="meter")),
 }
 
@@ -187,6 +190,10 @@ class _Builder:
             if rec.valid("profile") else None
         table = profile.function if profile else Function.INPUT
         ranges = build_ranges(v["ranges"], ctx.child("ranges"), table)
+        write_ranges = build_ranges(v["write_ranges"], ctx.child("write_ranges"), Function.HOLDING)
+        if "write_ranges" in rec.given and rec.valid("writable") and not v["writable"]:
+            ctx.child("write_ranges").report(
+                rec.lines["write_ranges"], "write_ranges allows writes only to a meter with writable: true")
         stale_after = self.stale_after if not rec.valid("stale_after") or v["stale_after"] is None \
             else v["stale_after"]
         if rec.valid("poll_interval") and v["poll_interval"] >= stale_after:
@@ -198,7 +205,7 @@ class _Builder:
         if not rec.ok or profile is None or unit is None:
             return None
         values = rec.kwargs(METER_SCHEMA)
-        values.update(unit=unit, profile=profile, ranges=ranges, stale_after=stale_after)
+        values.update(unit=unit, profile=profile, ranges=ranges, stale_after=stale_after, write_ranges=write_ranges)
         return MeterConfig(**values)
 
     def _unit(self, rec: Record, name: str, ctx: Ctx) -> int | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .codec import Function
+from .diagnostics import MeterDiagnostics, SegmentDiagnostics
 from .model import MeterConfig
 from . import pdu as P
 
@@ -84,7 +85,7 @@ class UnitImage:
     last_good: float | None = None  # monotonic time of the last fully good poll
     last_good_wall: float | None = None  # the same moment as wall-clock time (for timestamps)
     last_error: str = ""
-    counters: dict[str, int] = field(default_factory=dict)
+    diag: MeterDiagnostics = field(default_factory=MeterDiagnostics)  # updated by its segment
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,13 @@ class RegisterImage:
             tables = {fn: _Table(iv) for fn, iv in served_intervals(meter).items()}
             self._units[meter.unit] = UnitImage(meter, tables)
         self._listeners: list[Listener] = []
+        self.segments: dict[str, SegmentDiagnostics] = {}  # registered by each segment task
+
+    def register_segment(self, name: str, units: Iterable[int]) -> SegmentDiagnostics:
+        """The diagnostics record of a segment, linked to its meters' records."""
+        diag = SegmentDiagnostics(meters={u: self._units[u].diag for u in units})
+        self.segments[name] = diag
+        return diag
 
     # ---------------------------------------------------------------- queries
     def units(self) -> list[int]:

@@ -70,6 +70,15 @@ class MeterConfig:
     writable: bool = False
     ranges: tuple[RegisterRange, ...] = ()  # added to the profile's
     stale_after: float = 10.0  # resolved: the meter's own value or the bridge-wide one
+    write_ranges: tuple[RegisterRange, ...] = ()  # holding registers a write may touch; empty: any
+
+    def may_write(self, address: int, count: int) -> bool:
+        """Whether an upstream write of ``count`` registers at ``address`` is allowed to reach the bus."""
+        if not self.writable:
+            return False
+        if not self.write_ranges:
+            return True
+        return any(r.start <= address and address + count <= r.end for r in self.write_ranges)
 
     @property
     def all_ranges(self) -> tuple[RegisterRange, ...]:
@@ -87,6 +96,8 @@ class SegmentConfig:
     timeout: float = 0.5
     retries: int = 1
     meters: tuple[MeterConfig, ...] = ()
+    demote_after: int = 3  # consecutive failed polls before a meter is demoted (declared offline)
+    demote_interval: float = 10.0  # seconds between polls of a demoted meter
 
 
 @dataclass(frozen=True)

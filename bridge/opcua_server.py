@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlparse
@@ -94,9 +93,12 @@ METER_COUNTERS = {
     "GoodReplies": (_DT.UInt32, "Replies that answered their request"),
     "Timeouts": (_DT.UInt32, "Requests with no reply in time"),
     "CrcErrors": (_DT.UInt32, "Replies with a bad CRC"),
-    "ProtocolErrors": (_DT.UInt32, "Replies with the wrong slave, function, length or echo"),
+    "ProtocolErrors": (_DT.UInt32, "Answers that were truncated, from another slave, noise, or of the wrong "
+                                   "function, length or echo"),
     "ExceptionReplies": (_DT.UInt32, "Modbus exception replies"),
     "Retries": (_DT.UInt32, "Requests repeated after a timeout or a bad reply"),
+    "Demotions": (_DT.UInt32, "Times the meter was declared offline and polled less often"),
+    "TurnaroundTime": (_DT.Double, "Measured seconds from the end of a request to the start of its reply"),
     "LastError": (_DT.String, "The last error, empty while the meter is healthy"),
 }
 SEGMENT_COUNTERS = {
@@ -110,11 +112,10 @@ SEGMENT_COUNTERS = {
 
 
 class OpcUaServer:
-    def __init__(self, cfg: OpcUaConfig, config: Config, image: RegisterImage, segments: Sequence = ()):
+    def __init__(self, cfg: OpcUaConfig, config: Config, image: RegisterImage):
         self.cfg = cfg
         self.config = config
         self.image = image
-        self.segments = list(segments)
         self.server: Server | None = None
         self.ns = 0
         self._points: dict[int, list[_Point]] = {}  # unit -> its measurements
@@ -273,34 +274,32 @@ class OpcUaServer:
         now = datetime.now(timezone.utc)
         await self._set(self._bridge, {"Uptime": now_wall - self._started}, now)
         mono = time.monotonic()
-        for seg in self.segments:
-            c = seg.counters
-            busy_before, at_before = self._busy_before.get(seg.cfg.name, (0.0, mono))
-            elapsed = mono - at_before
-            utilisation = min(1.0, (seg.busy_time - busy_before) / elapsed) if elapsed > 0 else 0.0
-            self._busy_before[seg.cfg.name] = (seg.busy_time, mono)
-            await self._set(self._segment_counters[seg.cfg.name], {
-                "PortOpen": seg.port_ok,
-                "Requests": c.requests,
-                "Errors": c.crc_errors + c.protocol_errors + c.exceptions,
-                "Timeouts": c.timeouts,
+        for name, seg in self.image.segments.items():
+            busy_before, at_before = self._busy_before.get(name, (0.0, seg.started or mono))
+            self._busy_before[name] = (seg.busy_time, mono)
+            await self._set(self._segment_counters[name], {
+                "PortOpen": seg.port_open,
+                "Requests": seg.requests,
+                "Errors": seg.errors,
+                "Timeouts": seg.timeouts,
                 "CycleTime": seg.cycle_time,
-                "Utilisation": utilisation,
+                "Utilisation": seg.utilisation(busy_before, at_before, mono),
             }, now)
-            for unit, state in seg.meters.items():
+            for unit, d in seg.meters.items():
                 u = self.image.unit(unit)
-                mc = state.counters
                 await self._set(self._meter_counters[unit], {
                     "Online": self.image.health(unit) is Health.FRESH,
                     "LastGoodPoll": _utc(u.last_good_wall) if u.last_good_wall else None,
-                    "Requests": mc.requests,
-                    "GoodReplies": mc.good,
-                    "Timeouts": mc.timeouts,
-                    "CrcErrors": mc.crc_errors,
-                    "ProtocolErrors": mc.protocol_errors,
-                    "ExceptionReplies": mc.exceptions,
-                    "Retries": mc.retries,
-                    "LastError": u.last_error,
+                    "Requests": d.requests,
+                    "GoodReplies": d.good,
+                    "Timeouts": d.timeouts,
+                    "CrcErrors": d.crc_errors,
+                    "ProtocolErrors": d.truncated + d.wrong_slave + d.noise + d.protocol_errors,
+                    "ExceptionReplies": d.exceptions,
+                    "Retries": d.retries,
+                    "Demotions": d.demotions,
+                    "TurnaroundTime": d.turnaround if d.turnaround is not None else 0.0,
+                    "LastError": d.last_error if not self.image.health(unit) is Health.FRESH else "",
                 }, now)
             await asyncio.sleep(0)
 

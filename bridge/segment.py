@@ -2,8 +2,10 @@
 
 RS485 is half duplex, so exactly one transaction is in flight per segment.
 Polls are scheduled earliest-deadline-first by each meter's poll interval;
-writes from upstream clients are queued to this task and go out ahead of the
-next poll. Nothing here is shared with another segment: a dead meter or an
+writes from upstream clients are queued to this task and go out before the
+next block read. A meter that fails ``demote_after`` polls in a row is demoted
+(declared offline, polled every ``demote_interval``) so its neighbours keep
+their rate. Nothing here is shared with another segment: a dead meter or an
 unplugged adapter affects only this segment's meters.
 """
 from __future__ import annotations
@@ -13,11 +15,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import pdu as P
 from . import rtu
 from .codec import Function
+from .diagnostics import LinkCounters, MeterDiagnostics
 from .errors import BadReply, ExceptionReply, PortError, ReplyTimeout, TransactionError
 from .image import RegisterImage
 from .model import MeterConfig, SegmentConfig
@@ -26,9 +29,10 @@ from .serial_link import PySerialLink, SerialLink
 
 log = logging.getLogger("bridge.segment")
 
-OFFLINE_AFTER = 3  # consecutive failed polls before a meter is declared offline
-OFFLINE_RETRY = 10.0  # seconds between polls of an offline meter, so it cannot starve its neighbours
 REOPEN_BACKOFF = (0.1, 3.0)  # first and longest wait before reopening a lost port
+QUIET_GAP = 0.05  # a reply that stopped arriving for this long (and ≥ 2 × t3.5) is over
+TURNAROUND_WEIGHT = 0.2  # weight of a new sample in the moving average of a meter's turnaround
+REPLAN_CHANGE = 0.25  # replan a meter when its turnaround moved by this fraction (and a character)
 
 LinkFactory = Callable[[SegmentConfig], SerialLink]
 
@@ -38,28 +42,17 @@ def open_link(cfg: SegmentConfig) -> SerialLink:
 
 
 @dataclass
-class Counters:
-    requests: int = 0
-    good: int = 0
-    timeouts: int = 0
-    crc_errors: int = 0
-    protocol_errors: int = 0  # wrong slave/function/length/echo
-    exceptions: int = 0  # Modbus exception replies
-    retries: int = 0
-    writes: int = 0
-
-
-@dataclass
 class MeterState:
     meter: MeterConfig
+    diag: MeterDiagnostics
     blocks: list[Block]
+    planned_turnaround: float = 0.0  # the turnaround (s) the current plan assumed
     next_due: float = 0.0
     failures: int = 0  # consecutive failed polls
-    counters: Counters = field(default_factory=Counters)
 
     @property
-    def offline(self) -> bool:
-        return self.failures >= OFFLINE_AFTER
+    def counters(self) -> MeterDiagnostics:
+        return self.diag
 
 
 @dataclass
@@ -75,24 +68,41 @@ class Segment:
         self.image = image
         self._link_factory = link_factory
         self._link: SerialLink | None = None
-        self.meters = {m.unit: MeterState(m, plan_meter(m)) for m in cfg.meters}
-        self.counters = Counters()
+        self.diag = image.register_segment(cfg.name, [m.unit for m in cfg.meters])
+        self.meters = {
+            m.unit: MeterState(m, self.diag.meters[m.unit], plan_meter(m)) for m in cfg.meters
+        }
         self._writes: deque[_Write] = deque()
         self._wakeup = asyncio.Event()
-        self._silence = rtu.silence(cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
         self._char = rtu.char_time(cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
+        self._silence = rtu.silence(cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
+        self._quiet_gap = max(QUIET_GAP, 2 * self._silence)
         self._line_free_at = 0.0  # monotonic time after which the next frame may start
-        self.port_ok = False
-        self.cycle_time = 0.0  # seconds for the last round of every meter
-        self.busy_time = 0.0  # seconds spent in transactions (the line was not free); for utilisation
+        self._late_suspect: MeterDiagnostics | None = None  # whose reply may still arrive late
         self.tried_all = asyncio.Event()  # every meter polled at least once (readiness)
+
+    # compatibility views for readers of the old attributes
+    @property
+    def counters(self) -> LinkCounters:
+        return self.diag
+
+    @property
+    def port_ok(self) -> bool:
+        return self.diag.port_open
+
+    @property
+    def cycle_time(self) -> float:
+        return self.diag.cycle_time
+
+    @property
+    def busy_time(self) -> float:
+        return self.diag.busy_time
 
     # ------------------------------------------------------------ public API
     async def submit_write(self, unit: int, request: P.WriteRequest) -> bytes:
         """Carry a write to the meter ahead of the poll schedule; return its reply PDU.
 
-        Raises ExceptionReply with the meter's exception, or TransactionError
-        when the meter did not answer usefully.
+        Raises TransactionError when the meter did not answer usefully.
         """
         state = self.meters[unit]
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -102,6 +112,7 @@ class Segment:
 
     async def run(self) -> None:
         """Own the port until cancelled: open it, poll, reopen with backoff when it is lost."""
+        self.diag.started = time.monotonic()
         backoff = REOPEN_BACKOFF[0]
         try:
             while True:
@@ -112,9 +123,8 @@ class Segment:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, REOPEN_BACKOFF[1])
                     continue
-                if not self.port_ok:
-                    log.info("segment %s: port %s open", self.cfg.name, self.cfg.port)
-                self.port_ok = True
+                log.info("segment %s: port %s open", self.cfg.name, self.cfg.port)
+                self.diag.port_open = True
                 backoff = REOPEN_BACKOFF[0]
                 try:
                     await self._serve()
@@ -125,6 +135,7 @@ class Segment:
                     self._link = None
                 await asyncio.sleep(backoff)
         finally:
+            self.diag.port_open = False
             self._fail_writes(PortError(f"segment {self.cfg.name} stopped"))
 
     # ------------------------------------------------------------- schedule
@@ -150,13 +161,13 @@ class Segment:
             await self._poll(state)
             now = loop.time()
             interval = state.meter.poll_interval
-            if state.offline:
-                interval = max(interval, OFFLINE_RETRY)
+            if state.diag.demoted:
+                interval = max(interval, self.cfg.demote_interval)
             # start-to-start interval; an overrun is not caught up in a burst
             state.next_due = max(state.next_due + interval, now)
             polled.add(state.meter.unit)
             if len(polled) == len(self.meters):
-                self.cycle_time = now - round_start
+                self.diag.cycle_time = now - round_start
                 round_start, polled = now, set()
                 self.tried_all.set()
 
@@ -172,21 +183,42 @@ class Segment:
         except PortError:
             raise
         except TransactionError as exc:
-            state.failures += 1
-            if state.failures == OFFLINE_AFTER:
-                log.warning("meter %s (slave %d on %s) offline: %s", meter.name, meter.slave, self.cfg.name, exc)
-            self.image.mark_failed(meter.unit, str(exc), offline=state.offline)
+            self._poll_failed(state, exc)
             return
-        if state.offline:
+        if state.diag.demoted:
+            state.diag.demoted = False
             log.info("meter %s (slave %d on %s) back online", meter.name, meter.slave, self.cfg.name)
         state.failures = 0
         self.image.mark_good(meter.unit, time.time())
+        self._maybe_replan(state)
+
+    def _poll_failed(self, state: MeterState, exc: TransactionError) -> None:
+        meter = state.meter
+        state.failures += 1
+        state.diag.last_error = str(exc)
+        if state.failures >= self.cfg.demote_after and not state.diag.demoted:
+            state.diag.demoted = True
+            state.diag.demotions += 1
+            log.warning("meter %s (slave %d on %s) offline after %d failed polls, polled every %g s: %s",
+                        meter.name, meter.slave, self.cfg.name, state.failures, self.cfg.demote_interval, exc)
+        self.image.mark_failed(meter.unit, str(exc), offline=state.diag.demoted)
+
+    def _maybe_replan(self, state: MeterState) -> None:
+        """Plan again when the meter's measured turnaround moved enough to change the best plan."""
+        measured = state.diag.turnaround
+        if measured is None:
+            return
+        delta = abs(measured - state.planned_turnaround)
+        if delta > self._char and delta > REPLAN_CHANGE * max(state.planned_turnaround, self._char):
+            state.blocks = plan_meter(state.meter, turnaround_chars=measured / self._char)
+            state.planned_turnaround = measured
 
     async def _do_write(self, job: _Write) -> None:
         if job.future.done():  # the client went away
             return
         state = self.meters[job.meter.unit]
-        state.counters.writes += 1
+        for c in (self.diag, state.diag):
+            c.writes += 1
         try:
             reply, _ = await self._transact(state, job.request)
         except ExceptionReply as exc:
@@ -207,77 +239,111 @@ class Segment:
         last: TransactionError | None = None
         for attempt in range(self.cfg.retries + 1):
             if attempt:
-                self.counters.retries += 1
-                state.counters.retries += 1
+                for c in (self.diag, state.diag):
+                    c.retries += 1
             started = time.monotonic()
             try:
                 return await self._once(state, request)
             except (ReplyTimeout, BadReply) as exc:
                 last = exc
             finally:
-                self.busy_time += time.monotonic() - started
+                self.diag.busy_time += time.monotonic() - started
         assert last is not None
         raise last
+
+    async def _wait_line_free(self) -> None:
+        """Keep the inter-frame silence: not a moment less (a real bus would garble the frame)."""
+        while (wait := self._line_free_at - time.monotonic()) > 0:
+            await asyncio.sleep(wait if wait > 0.002 else 0)  # timers may fire early; finish by yielding
 
     async def _once(self, state: MeterState, request: P.Request) -> tuple[bytes, float]:
         link = self._link
         assert link is not None
         slave = state.meter.slave
-        wait = self._line_free_at - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        link.discard_input()  # nothing received before our request can be its reply
+        counters = (self.diag, state.diag)
+        await self._wait_line_free()
+        if link.buffer:  # a reply that came after its request had given up: never use it
+            for c in (self.diag, self._late_suspect or state.diag):
+                c.late_replies += 1
+            link.discard_input()
+        self._late_suspect = None
         adu = rtu.frame(slave, P.encode_request(request))
-        for c in (self.counters, state.counters):
+        for c in counters:
             c.requests += 1
         link.write(adu)
         sent = time.monotonic()
-        self._line_free_at = sent + (len(adu) * self._char) + self._silence
-        crc_errors = 0
-        try:
-            async with asyncio.timeout(self.cfg.timeout):
-                while True:
-                    scan = rtu.find_reply(link.buffer, slave, request)
-                    crc_errors = scan.crc_errors
-                    if scan.pdu is not None:
-                        break
+        deadline = sent + self.cfg.timeout
+        while True:
+            scan = rtu.find_reply(link.buffer, slave, request)
+            if scan.pdu is not None:
+                break
+            now = time.monotonic()
+            # bytes came but formed no reply, and the line has gone quiet: that answer is over
+            quiet_at = link.last_rx + self._quiet_gap if link.buffer else deadline
+            wake = min(deadline, quiet_at)
+            if now >= wake:
+                self._fail(state, request, adu, nothing=not link.buffer)
+            try:
+                async with asyncio.timeout(wake - now):
                     await link.wait_data()
-        except TimeoutError:
-            # A reply may still be on its way: let the longest possible one pass and
-            # drop it, so it is never taken for the answer to the next request.
-            self._line_free_at = time.monotonic() + rtu.max_reply_length(request) * self._char + self._silence
-            for c in (self.counters, state.counters):
-                if crc_errors:
-                    c.crc_errors += 1
-                else:
-                    c.timeouts += 1
-            if crc_errors:
-                raise BadReply("crc", f"slave {slave}: reply with a bad CRC") from None
-            raise ReplyTimeout(f"slave {slave}: no reply within {self.cfg.timeout:g} s") from None
+            except TimeoutError:
+                pass
         self._line_free_at = link.last_rx + self._silence
         stamp = time.time()
+        self._measure_turnaround(state, link, sent, len(adu))
+        if scan.skipped:
+            for c in counters:
+                c.stray_bytes += scan.skipped
         del link.buffer[: scan.end]
         try:
             payload = P.check_response(request, scan.pdu)
         except ExceptionReply:
-            for c in (self.counters, state.counters):
+            for c in counters:
                 c.exceptions += 1
             raise
-        except BadReply:
-            for c in (self.counters, state.counters):
-                c.protocol_errors += 1
+        except BadReply as exc:
+            for c in counters:
+                c.count_fault(exc.kind)
             raise
-        for c in (self.counters, state.counters):
+        for c in counters:
             c.good += 1
         return payload, stamp
 
+    def _fail(self, state: MeterState, request: P.Request, adu: bytes, nothing: bool) -> None:
+        """Classify a transaction that produced no usable reply, count it, and raise."""
+        link = self._link
+        assert link is not None
+        slave = state.meter.slave
+        kind = rtu.classify_failure(link.buffer, slave, request)
+        for c in (self.diag, state.diag):
+            c.count_fault(kind)
+        link.discard_input()
+        if nothing:
+            # The reply may still be on its way: hold the line for the longest possible one,
+            # so it is dropped rather than taken for the answer to the next request.
+            self._line_free_at = time.monotonic() + rtu.max_reply_length(request) * self._char + self._silence
+            self._late_suspect = state.diag
+            raise ReplyTimeout(f"slave {slave}: no reply within {self.cfg.timeout:g} s")
+        self._line_free_at = time.monotonic() + self._silence
+        raise BadReply(kind, f"slave {slave}: {kind.replace('_', ' ')} reply")
+
+    def _measure_turnaround(self, state: MeterState, link: SerialLink, sent: float, request_len: int) -> None:
+        """Time from the end of our request to the reply's first byte, smoothed."""
+        first_byte = link.first_rx - (link.first_rx_len - 1) * self._char
+        sample = max(0.0, first_byte - sent - request_len * self._char)
+        old = state.diag.turnaround
+        state.diag.turnaround = sample if old is None else old + TURNAROUND_WEIGHT * (sample - old)
+
     # ---------------------------------------------------------------- faults
     def _port_lost(self, exc: PortError) -> None:
-        if self.port_ok:
+        if self.diag.port_open:
             log.error("segment %s: port lost: %s", self.cfg.name, exc)
-        self.port_ok = False
+            self.diag.port_losses += 1
+        self.diag.port_open = False
+        self.diag.last_error = str(exc)
         for state in self.meters.values():
-            state.failures = max(state.failures, OFFLINE_AFTER)
+            state.failures = max(state.failures, self.cfg.demote_after)
+            state.diag.demoted = True
             self.image.mark_failed(state.meter.unit, str(exc), offline=True)
         self._fail_writes(exc)
         self.tried_all.set()  # an absent port must not hold readiness back

@@ -22,7 +22,9 @@ _PARITY = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_
 
 class SerialLink(Protocol):
     buffer: bytearray  # received bytes not yet consumed
-    last_rx: float  # monotonic time of the last received byte
+    last_rx: float  # monotonic time of the last received chunk
+    first_rx: float  # monotonic time of the first chunk since the buffer was last empty
+    first_rx_len: int  # and its size, to estimate when its first byte arrived
 
     def write(self, data: bytes) -> None: ...
     def discard_input(self) -> None: ...
@@ -51,6 +53,8 @@ class PySerialLink:
         self._fd = self._serial.fileno()
         self.buffer = bytearray()
         self.last_rx = 0.0
+        self.first_rx = 0.0
+        self.first_rx_len = 0
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
         self._error: PortError | None = None
@@ -69,8 +73,11 @@ class PySerialLink:
             self._loop.remove_reader(self._fd)
             self._wake()
             return
+        now = time.monotonic()
+        if not self.buffer:
+            self.first_rx, self.first_rx_len = now, len(data)
         self.buffer += data
-        self.last_rx = time.monotonic()
+        self.last_rx = now
         self._wake()
 
     def _wake(self) -> None:

@@ -22,8 +22,6 @@ import pytest_asyncio
 from asyncua import Client, Node, ua
 
 import bridge
-import bridge.segment
-import bridge.testing
 from bridge.profiles import get_builtin
 from bridge.testing import Harness, MeterSpec, running_bridge
 
@@ -36,7 +34,7 @@ POLL = 0.1  # poll interval of every meter
 STALE_AFTER = 0.4
 TIMEOUT = 0.3  # reply timeout; with RETRIES a failed poll takes 0.6 s, so stale comes well before offline
 RETRIES = 1
-OFFLINE_RETRY = 0.5  # instead of 10 s between polls of an offline meter, so recovery is quick to see
+OFFLINE_RETRY = 0.5  # demote_interval: instead of 10 s between polls of an offline meter, so recovery is quick to see
 DIAGNOSTICS = 1.0  # bridge.opcua_server.DIAGNOSTICS_PERIOD: Online and counters lag by up to this
 NEVER_SLAVE = 9  # the simulated meter at this address never answers, from its first request on
 
@@ -156,14 +154,9 @@ async def collect_nodeids(browser: Browser, start: Node) -> set[tuple[str, str]]
 # ------------------------------------------------------------------------------- the shared bridge
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def plant():
-    mp = pytest.MonkeyPatch()
-    mp.setattr(bridge.segment, "OFFLINE_RETRY", OFFLINE_RETRY)
-    try:
-        async with running_bridge(LAYOUT, opcua=True, namespace=NAMESPACE, stale_after=STALE_AFTER,
-                                  timeout=TIMEOUT, retries=RETRIES) as h:
-            yield h
-    finally:
-        mp.undo()
+    async with running_bridge(LAYOUT, opcua=True, namespace=NAMESPACE, stale_after=STALE_AFTER,
+                              timeout=TIMEOUT, retries=RETRIES, demote_interval=OFFLINE_RETRY) as h:
+        yield h
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -395,7 +388,7 @@ async def test_status_fresh_stale_offline_and_back(plant: Harness, browser: Brow
     assert dv.StatusCode.value == BAD_COMMUNICATION, status_name(dv)
     assert dv.Value is None or dv.Value.Value is None, "a Bad value carries no value"
     offline_dv = dv
-    assert plant.segment("line-c").meters[31].failures >= bridge.segment.OFFLINE_AFTER
+    assert plant.segment("line-c").meters[31].diag.demoted
     with pytest.raises(ua.UaStatusCodeError) as bad:
         await node.read_value()
     assert bad.value.code == BAD_COMMUNICATION
