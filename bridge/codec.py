@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class Function(enum.IntEnum):
@@ -87,6 +87,20 @@ def encode(value: int | float, dtype: DataType, word_order: WordOrder = WordOrde
         raise ValueError(f"{value!r} does not fit {dtype.value}: {exc}") from None
     words = struct.unpack(f">{count}H", raw)
     return words if word_order is WordOrder.BIG else tuple(reversed(words))
+
+
+def decoder(dtype: DataType, word_order: WordOrder = WordOrder.BIG) -> Callable[[bytes], int | float]:
+    """A fast decoder from raw register bytes (as in a reply) for one type and word order."""
+    fmt, count = _FORMATS[dtype]
+    unpack = struct.Struct(fmt).unpack
+    if word_order is WordOrder.BIG or count == 1:
+        return lambda raw: unpack(raw)[0]
+    words = struct.Struct(f">{count}H")
+
+    def decode_swapped(raw: bytes) -> int | float:
+        return unpack(words.pack(*reversed(words.unpack(raw))))[0]
+
+    return decode_swapped
 
 
 def registers_to_bytes(registers: Sequence[int]) -> bytes:

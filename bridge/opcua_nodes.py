@@ -42,7 +42,8 @@ class NodeBuilder:
     def __init__(self, aspace: AddressSpace, namespace_index: int):
         self.aspace = aspace
         self.ns = namespace_index
-        # attribute values every node of a kind shares (never written after the build)
+        # attribute values every node of a kind shares (never written after the build; a client
+        # that monitors one of them registers on the shared record, which never fires)
         self._object_class = _const(ua.NodeClass.Object, ua.VariantType.Int32)
         self._variable_class = _const(ua.NodeClass.Variable, ua.VariantType.Int32)
         self._zero32 = _const(0, ua.VariantType.UInt32)
@@ -53,6 +54,7 @@ class NodeBuilder:
         self._sampling = _const(0.0, ua.VariantType.Double)
         self._not_historizing = _const(False, ua.VariantType.Boolean)
         self._datatypes: dict[int, AttributeValue] = {}
+        self._texts: dict[tuple, AttributeValue] = {}
         self._type_refs: dict[ua.NodeId, ua.ReferenceDescription] = {}
 
     def nodeid(self, name: str) -> ua.NodeId:
@@ -78,7 +80,9 @@ class NodeBuilder:
         nid = self.nodeid(ident)
         node = self._node(nid, name, description, self._variable_class, browse_ns)
         at = node.attributes
-        at[A.Value] = AttributeValue(ua.DataValue(value, StatusCode=status or ua.StatusCode()))
+        # a Variant of its own: the server updates measurement values in place
+        own = ua.Variant(value.Value, value.VariantType, is_array=value.is_array)
+        at[A.Value] = AttributeValue(ua.DataValue(own, StatusCode=status or ua.StatusCode()))
         at[A.DataType] = self._datatype(datatype)
         at[A.ValueRank] = self._scalar
         at[A.ArrayDimensions] = self._no_dims
@@ -104,18 +108,24 @@ class NodeBuilder:
         node = NodeData(nid)
         at = node.attributes
         at[A.NodeId] = AttributeValue(ua.DataValue(ua.Variant(nid, ua.VariantType.NodeId)))
-        at[A.BrowseName] = AttributeValue(
-            ua.DataValue(ua.Variant(ua.QualifiedName(name, self.ns if browse_ns is None else browse_ns),
-                       ua.VariantType.QualifiedName)))
+        # every meter repeats the same names and descriptions: one shared value for each text
+        at[A.BrowseName] = self._shared(("browse", name, self.ns if browse_ns is None else browse_ns))
         at[A.NodeClass] = node_class
-        at[A.DisplayName] = AttributeValue(
-            ua.DataValue(ua.Variant(ua.LocalizedText(name), ua.VariantType.LocalizedText)))
-        at[A.Description] = AttributeValue(
-            ua.DataValue(ua.Variant(ua.LocalizedText(description), ua.VariantType.LocalizedText)))
+        at[A.DisplayName] = self._shared(("display", name))
+        at[A.Description] = self._shared(("description", description))
         at[A.WriteMask] = self._zero32
         at[A.UserWriteMask] = self._zero32
         self.aspace[nid] = node
         return node
+
+    def _shared(self, key: tuple) -> AttributeValue:
+        if key not in self._texts:
+            if key[0] == "browse":
+                value = ua.Variant(ua.QualifiedName(key[1], key[2]), ua.VariantType.QualifiedName)
+            else:
+                value = ua.Variant(ua.LocalizedText(key[1]), ua.VariantType.LocalizedText)
+            self._texts[key] = AttributeValue(ua.DataValue(value))
+        return self._texts[key]
 
     def _datatype(self, datatype: int) -> AttributeValue:
         if datatype not in self._datatypes:

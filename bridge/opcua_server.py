@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlparse
 
 from asyncua import Server, ua
-from asyncua.server.address_space import NodeData
+from asyncua.server.address_space import AttributeValue, NodeData
 
 from . import __version__, codec
 from .image import Change, Health, RegisterImage
@@ -53,9 +54,14 @@ class _Point:
 
     measurement: Measurement
     node: NodeData
+    decode: Callable[[bytes], int | float]
     value: float | None = None
     status: ua.StatusCode | None = None
     source_time: datetime | None = None
+
+    @property
+    def attribute(self) -> AttributeValue:
+        return self.node.attributes[ua.AttributeIds.Value]
 
 
 class _Counters:
@@ -220,7 +226,7 @@ class OpcUaServer:
                 b.property(var.nodeid, f"{ident}.EURange", "EURange",
                            ua.Variant(ua.Range(Low=low, High=high), ua.VariantType.ExtensionObject), _DT.Range,
                            standard=True)
-            points.append(_Point(m, var))
+            points.append(_Point(m, var, codec.decoder(m.dtype, m.word_order)))
         self._points[meter.unit] = points
 
     # ------------------------------------------------------------- updates
@@ -234,40 +240,71 @@ class OpcUaServer:
         self._wake.set()
 
     async def _flush(self) -> None:
-        writes = 0
-        while self._dirty:
-            unit, stamp = self._dirty.popitem()
+        """Write every changed value of the units marked dirty, oldest change first.
+
+        Values a client has subscribed to go out first, so a sweep over thousands of
+        unwatched values does not delay the watched ones.
+        """
+        batch = list(self._dirty.items())
+        self._dirty.clear()
+        now = datetime.now(timezone.utc)
+        units = []
+        for unit, stamp in batch:
             health = self.image.health(unit)
-            status = _STATUS[health]
-            now = datetime.now(timezone.utc)
             u = self.image.unit(unit)
             if stamp is None and health is Health.FRESH and u.last_good_wall is not None:
                 stamp = u.last_good_wall  # back to fresh: the values are those of the last good poll
-            source = _utc(stamp) if stamp is not None else None
+            units.append((unit, health, _utc(stamp) if stamp is not None else None))
             await self._set(self._meter_counters[unit], {"Online": health is Health.FRESH}, now)
-            for point in self._points[unit]:
-                m = point.measurement
-                if health is Health.FRESH or health is Health.STALE:
-                    raw = self.image.value_registers(unit, m.function, m.address, m.count)
-                    value = codec.decode(codec.bytes_to_registers(raw), m.dtype, m.word_order) * m.scale
-                else:
-                    value = None
-                if value == point.value and status == point.status:
-                    continue
-                if source is not None and (value != point.value or health is Health.FRESH):
-                    point.source_time = source  # the reply this value came from
-                elif point.source_time is None or health in (Health.OFFLINE, Health.NEVER_READ):
-                    point.source_time = now  # no value: when it was lost
-                point.value, point.status = value, status
-                variant = _NULL if value is None else ua.Variant(float(value), ua.VariantType.Double)
-                dv = ua.DataValue(variant, StatusCode=status, SourceTimestamp=point.source_time,
-                                  ServerTimestamp=now)
-                await _write(point.node, dv)
-                writes += 1
-                if writes % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
+        writes = 0
+        for watched in (True, False):
+            for unit, health, source in units:
+                if unit in self._dirty:
+                    continue  # changed again while we yielded: its own pass writes it with its stamp
+                for point in self._points[unit]:
+                    if bool(point.attribute.datachange_callbacks) is watched and \
+                            await self._update(point, unit, health, source, now):
+                        writes += 1
+                        if writes % YIELD_EVERY == 0:
+                            await asyncio.sleep(0)
         if writes:
             await asyncio.sleep(0)
+
+    async def _update(self, point: _Point, unit: int, health: Health, source: datetime | None,
+                      now: datetime) -> bool:
+        """Bring one measurement's node up to date; False if nothing changed."""
+        m = point.measurement
+        status = _STATUS[health]
+        value = None
+        if health is Health.FRESH or health is Health.STALE:
+            value = point.decode(self.image.value_registers(unit, m.function, m.address, m.count)) * m.scale
+        if value == point.value and status == point.status:
+            return False
+        if source is not None and (value != point.value or health is Health.FRESH):
+            point.source_time = source  # the reply this value came from
+        elif point.source_time is None or health in (Health.OFFLINE, Health.NEVER_READ):
+            point.source_time = now  # no value: when it was lost
+        point.value, point.status = value, status
+        attr = point.attribute
+        if attr.datachange_callbacks:
+            # watched: a new DataValue, since asyncua queues the very object for the next publish
+            variant = _NULL if value is None else ua.Variant(float(value), ua.VariantType.Double)
+            attr.value = ua.DataValue(variant, StatusCode=status, SourceTimestamp=point.source_time,
+                                      ServerTimestamp=now)
+            await _notify(attr, attr.value)
+            return True
+        # Unwatched: update the DataValue in place, so a sweep over thousands of values leaves no
+        # new objects for the garbage collector to walk (a Read encodes it before anything else runs).
+        dv = attr.value
+        if dv.Value is _NULL:
+            dv.Value = ua.Variant(None, ua.VariantType.Null)
+        variant = dv.Value
+        if value is None:
+            variant.Value, variant.VariantType = None, ua.VariantType.Null
+        else:
+            variant.Value, variant.VariantType = float(value), ua.VariantType.Double
+        dv.StatusCode, dv.SourceTimestamp, dv.ServerTimestamp = status, point.source_time, now
+        return True
 
     async def _diagnostics(self) -> None:
         now_wall = time.time()
@@ -319,6 +356,10 @@ async def _write(node: NodeData, dv: ua.DataValue) -> None:
     """What asyncua's write_attribute_value does for a Value, minus the per-call lookups and checks."""
     attr = node.attributes[ua.AttributeIds.Value]
     attr.value = dv
+    await _notify(attr, dv)
+
+
+async def _notify(attr: AttributeValue, dv: ua.DataValue) -> None:
     for handle, callback in list(attr.datachange_callbacks.items()):
         await callback(handle, dv)
 
