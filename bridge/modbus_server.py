@@ -61,6 +61,8 @@ class ModbusTcpServer:
                 raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE)
             if not u.meter.writable or self.write_router is None:
                 raise P.PduException(request.function, P.ILLEGAL_FUNCTION)
+            if not u.meter.may_write(request.address, len(request.values)):
+                raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS)  # outside write_ranges
             return request
         except P.PduException as exc:
             return exc.pdu()

@@ -106,40 +106,45 @@ def find_reply(buf: bytes | bytearray, slave: int, request: P.Request) -> ReplyS
 def classify_failure(buf: bytes | bytearray, slave: int, request: P.Request) -> str:
     """Why no reply to ``request`` was found in ``buf`` once the wait is over.
 
-    One of "timeout" (nothing came), "truncated" (our reply began but never
-    ended), "crc" (our reply with a bad CRC), "wrong_slave" (a well-formed frame
-    from another address) or "noise" (bytes that make no frame).
+    One of "timeout" (nothing came), "wrong_function" or "wrong_length" (a
+    well-formed frame from our slave that does not answer this request),
+    "wrong_slave" (a well-formed frame from another address), "truncated" (our
+    reply began but never ended), "crc" (our reply with a bad CRC) or "noise"
+    (bytes that make no frame).
     """
     if not buf:
         return "timeout"
+    addresses = {addr: fc for addr, fc in _whole_frames(buf)}
+    if slave in addresses:
+        fc = addresses[slave]
+        return "wrong_length" if fc in (request.function, request.function | 0x80) else "wrong_function"
+    if addresses:
+        return "wrong_slave"
     scan = find_reply(buf, slave, request)
     if scan.pending:
         return "truncated"
     if scan.crc_errors:
         return "crc"
-    if _foreign_frame(buf, slave):
-        return "wrong_slave"
     return "noise"
 
 
-def _foreign_frame(buf: bytes | bytearray, slave: int) -> bool:
-    """Whether ``buf`` holds a CRC-valid reply frame from an address other than ``slave``."""
+def _whole_frames(buf: bytes | bytearray) -> list[tuple[int, int]]:
+    """(address, function) of every CRC-valid reply frame in ``buf``, by the length it declares."""
+    found = []
     n = len(buf)
     for i in range(n - 4):
-        if buf[i] == slave:
-            continue
         fc = buf[i + 1]
         if fc & 0x80:
-            lengths = (5,)
+            length = 5
         elif fc in (1, 2, 3, 4):
-            lengths = (5 + buf[i + 2],)
+            length = 5 + buf[i + 2]
         elif fc in (5, 6, 15, 16):
-            lengths = (8,)
+            length = 8
         else:
             continue
-        if any(i + length <= n and crc_ok(buf[i:i + length]) for length in lengths):
-            return True
-    return False
+        if i + length <= n and crc_ok(buf[i:i + length]):
+            found.append((buf[i], fc))
+    return found
 
 
 def max_reply_length(request: P.Request) -> int:

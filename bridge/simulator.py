@@ -39,6 +39,8 @@ class Faults:
     late_by: float = 0.0
     wrong_slave: int = 0  # the next N replies come from another slave address
     truncate: int = 0  # the next N replies are cut short
+    wrong_function: int = 0  # the next N replies carry another function code
+    wrong_length: int = 0  # the next N read replies hold one register too few
 
 
 class SimMeter:
@@ -273,6 +275,12 @@ class SimulatedBus:
         if f.wrong_slave:
             f.wrong_slave -= 1
             slave = (slave % 247) + 1
+        if f.wrong_function:
+            f.wrong_function -= 1
+            response = bytes((response[0] ^ 0x07,)) + response[1:]  # 3 <-> 4, 6 -> 1, 16 -> 23
+        if f.wrong_length and response[0] in (3, 4) and response[1] >= 4:
+            f.wrong_length -= 1
+            response = bytes((response[0], response[1] - 2)) + response[2:-2]
         adu = rtu.frame(slave, response)
         if f.corrupt or (f.corrupt_rate and meter._rng.random() < f.corrupt_rate):
             f.corrupt = max(0, f.corrupt - 1)
@@ -289,7 +297,6 @@ class SimulatedBus:
         if self.emulate_wire:
             # the request's own wire time (it arrived all at once over the pty) and the reply's
             delay += request_len * self.char + len(adu) * self.char
-        self._line_quiet_at = received + delay
         if delay <= 0:
             self._send(adu)
         else:
@@ -298,7 +305,9 @@ class SimulatedBus:
             task.add_done_callback(self._tasks.discard)
 
     async def _send_later(self, adu: bytes, at: float) -> None:
-        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        # timers may fire a little early (uvloop keeps a 1 ms clock): finish the wait by yielding
+        while (wait := at - time.monotonic()) > 0:
+            await asyncio.sleep(wait if wait > 0.002 else 0)
         self._send(adu)
 
     def _send(self, adu: bytes) -> None:
@@ -309,3 +318,4 @@ class SimulatedBus:
             self.stats.answered += 1
         except OSError:
             pass
+        self._line_quiet_at = time.monotonic()  # the reply's last character has just left

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 
 from . import mbap
 from .app import App
-from .model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
+from .codec import Function
+from .model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, RegisterRange, SegmentConfig
 from .profiles import get_builtin
 from .simulator import SimMeter, SimulatedBus
 
@@ -29,6 +30,7 @@ class MeterSpec:
     writable: bool = False
     animate: bool = False
     silent: bool = False  # the simulated meter never answers, from the first poll on
+    write_ranges: tuple[tuple[int, int], ...] = ()  # (start, count) holding registers writes may touch
 
 
 @dataclass
@@ -70,6 +72,7 @@ async def running_bridge(
     retries: int = 1,
     opcua: bool = False,
     namespace: str = "urn:modbus-bridge",
+    bus_options: dict | None = None,
     **segment_options,
 ) -> AsyncIterator[Harness]:
     """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port
@@ -87,10 +90,11 @@ async def running_bridge(
             mc = MeterConfig(
                 spec.name, spec.slave, spec.unit, profile,
                 poll_interval=spec.poll_interval, writable=spec.writable, stale_after=stale_after,
+                write_ranges=tuple(RegisterRange(Function.HOLDING, a, n) for a, n in spec.write_ranges),
             )
             meters[spec.name] = mc
             seg_meters.append(mc)
-        bus = SimulatedBus(seg_sims)
+        bus = SimulatedBus(seg_sims, **(bus_options or {}))
         buses[seg_name] = bus
         segments.append(
             SegmentConfig(seg_name, bus.open(), timeout=timeout, retries=retries, meters=tuple(seg_meters),

@@ -502,3 +502,5 @@ def test_classify_failure_names_each_kind():
     assert rtu.classify_failure(good[:-1] + bytes((good[-1] ^ 0xFF,)), 1, req) == "crc"
     assert rtu.classify_failure(rtu.frame(2, b"\x04\x04\x43\x66\x00\x00"), 1, req) == "wrong_slave"
     assert rtu.classify_failure(b"\xff\x00\x13\x37", 1, req) == "noise"
+    assert rtu.classify_failure(rtu.frame(1, b"\x03\x04\x43\x66\x00\x00"), 1, req) == "wrong_function"
+    assert rtu.classify_failure(rtu.frame(1, b"\x04\x02\x43\x66"), 1, req) == "wrong_length"
