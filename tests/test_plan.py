@@ -316,3 +316,11 @@ def test_plan_meter_never_splits_a_measurement_across_reads():
     for m in profile.measurements:
         holders = [b for b in blocks if b.function is m.function and b.address <= m.address and m.end <= b.end]
         assert len(holders) == 1, f"{m.name} at {m.address} is not inside a single read: {blocks}"
+
+
+def test_a_slow_meter_makes_reading_across_a_wider_gap_worthwhile():
+    # two values 20 registers apart: reading the gap costs 40 characters; a new request costs
+    # 16.5 plus the meter's turnaround
+    intervals = [(0, 2), (22, 24)]
+    assert plan_intervals(intervals, turnaround_chars=0.0) == [(0, 2), (22, 24)]
+    assert plan_intervals(intervals, turnaround_chars=30.0) == [(0, 24)]
