@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Awaitable, Callable
 
 from . import pdu as P
 from .errors import BridgeError
@@ -21,6 +22,8 @@ from .segment import LinkFactory, Segment, open_link
 log = logging.getLogger("bridge.app")
 
 SWEEP_PERIOD = 0.2  # seconds between staleness checks
+STOP_GRACE = 3.0  # seconds the segments get to finish their transaction in flight on stop
+RESTART_PAUSE = 1.0  # seconds before a part that failed unexpectedly is restarted
 
 
 class App:
@@ -31,7 +34,7 @@ class App:
         self._segment_of = {m.unit: seg for seg in self.segments for m in seg.cfg.meters}
         self.modbus: ModbusTcpServer | None = None
         if config.modbus_tcp.enabled:
-            self.modbus = ModbusTcpServer(self.image, self._route_write)
+            self.modbus = ModbusTcpServer(self.image, self._route_write, config.modbus_tcp)
         self.opcua: OpcUaServer | None = None
         if config.opcua.enabled:
             self.opcua = OpcUaServer(config.opcua, config, self.image)
@@ -42,15 +45,20 @@ class App:
         return await self._segment_of[unit].submit_write(unit, request)
 
     async def run(self) -> None:
-        """Run until ``stop()``; raises BridgeError if a server cannot listen."""
+        """Run until ``stop()``; raises BridgeError if a server cannot listen.
+
+        Stopping: servers stop accepting first, each segment finishes the transaction in
+        flight (bounded by STOP_GRACE), then everything left is cancelled.
+        """
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(seg.run(), name=f"segment {seg.cfg.name}") for seg in self.segments]
-                tasks.append(tg.create_task(self._sweep(), name="staleness sweep"))
+                segments = [tg.create_task(self._supervised(f"segment {seg.cfg.name}", seg.run))
+                            for seg in self.segments]
+                others = [tg.create_task(self._supervised("staleness sweep", self._sweep))]
                 try:
                     await self._start_servers()
                     if self.opcua is not None:
-                        tasks.append(tg.create_task(self.opcua.run(), name="opcua writer"))
+                        others.append(tg.create_task(self._supervised("OPC UA writer", self.opcua.run)))
                     # the address space and the profiles live for the whole run: keep them out of
                     # every future garbage collection pass (a full pass over them takes ~1 s)
                     gc.freeze()
@@ -58,19 +66,36 @@ class App:
                     await self._stop.wait()
                 finally:
                     await self._stop_servers()
-                    for task in tasks:
+                    for seg in self.segments:
+                        seg.request_stop()
+                    if segments:
+                        await asyncio.wait(segments, timeout=STOP_GRACE)
+                    for task in segments + others:
                         task.cancel()
         except* OSError as group:
             raise BridgeError(f"cannot listen: {group.exceptions[0]}") from None
+
+    @staticmethod
+    async def _supervised(name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` until it returns; an unexpected exception is logged with its context and the
+        work restarted after a pause, so one failing part never takes the others down."""
+        while True:
+            try:
+                await work()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed unexpectedly; restarting it in %g s", name, RESTART_PAUSE)
+                await asyncio.sleep(RESTART_PAUSE)
 
     def stop(self) -> None:
         self._stop.set()
 
     async def _start_servers(self) -> None:
         if self.modbus is not None:
-            tcp = self.config.modbus_tcp
-            await self.modbus.start(tcp.host, tcp.port)
-            log.info("Modbus TCP listening on %s:%d", tcp.host, self.modbus.port)
+            await self.modbus.start()
+            log.info("Modbus TCP listening on %s:%d", self.config.modbus_tcp.host, self.modbus.port)
         if self.opcua is not None:
             await self.opcua.start()
 

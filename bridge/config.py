@@ -7,6 +7,7 @@ the checked records, which still know the line of every value.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -95,9 +96,25 @@ SEGMENT_SCHEMA: dict[str, Field] = {
     "meters": Field(list_of(record_of(METER_SCHEMA), what="meter")),
 }
 
+def _network(value: Any) -> str:
+    """An IP address or network in CIDR form, for client allowlists."""
+    hint = f"expected an IP address or network like 10.0.0.0/8, got {show(value)}"
+    if not isinstance(value, str):
+        raise Invalid(hint)
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise Invalid(hint) from None
+
+
 MODBUS_TCP_SCHEMA: dict[str, Field] = {
     "enabled": Field(boolean(), True),
     "listen": Field(LISTEN, ("0.0.0.0", 502)),
+    "max_connections": Field(integer(1, 10000), 64),
+    "idle_timeout": Field(number(gt=0), 300.0),
+    "frame_timeout": Field(number(gt=0), 5.0),
+    "max_pending": Field(integer(1, 1000), 16),
+    "allow": Field(list_of(scalar(_network), what="address", non_empty=False), []),
 }
 
 OPCUA_SCHEMA: dict[str, Field] = {
@@ -294,6 +311,7 @@ def _section(rec: Record | None | Any, build: Any) -> Any:
 def _modbus_tcp(rec: Record) -> ModbusTcpConfig:
     values = rec.kwargs(MODBUS_TCP_SCHEMA)
     values["host"], values["port"] = values.pop("listen")
+    values["allow"] = tuple(values["allow"])
     return ModbusTcpConfig(**values)
 
 

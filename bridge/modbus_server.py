@@ -4,35 +4,57 @@ Reads are answered synchronously from the image inside ``data_received``, so
 every request in one TCP segment is answered, in order, with its own
 transaction id, and a read never waits for the bus. Writes to writable meters
 are handed to their segment and answered when the meter answers.
+
+Every input boundary is bounded (docs/security.md): a header that cannot be
+Modbus closes that connection; a request must arrive in full within
+``frame_timeout``; an idle connection is closed after ``idle_timeout``; at most
+``max_connections`` at once and ``max_pending`` bus requests per connection;
+a client that does not read its answers stops being read (TCP backpressure).
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from . import mbap
 from . import pdu as P
 from .errors import ExceptionReply, ProtocolError, TransactionError
 from .image import RegisterImage
+from .model import ModbusTcpConfig
 
 log = logging.getLogger("bridge.modbus_tcp")
 
 # unit, request -> the meter's reply PDU (raises TransactionError when it did not answer)
 WriteRouter = Callable[[int, P.WriteRequest], Awaitable[bytes]]
 
+SERVER_BUSY = 0x06
+BROADCAST_UNITS = (0, 255)  # 0: broadcast in Modbus; 255: "no unit" for direct TCP devices
+CHECK_PERIOD = 1.0  # seconds between checks of idle and slow connections
+
 
 class ModbusTcpServer:
-    def __init__(self, image: RegisterImage, write_router: WriteRouter | None = None):
+    def __init__(self, image: RegisterImage, write_router: WriteRouter | None = None,
+                 cfg: ModbusTcpConfig | None = None):
         self.image = image
         self.write_router = write_router
+        self.cfg = cfg or ModbusTcpConfig()
+        self._allow = [ipaddress.ip_network(n) for n in self.cfg.allow]
         self._server: asyncio.AbstractServer | None = None
+        self._janitor: asyncio.Task | None = None
         self.connections: set[_Connection] = set()
-        self.requests = 0
+        self.stats = {"requests": 0, "connections": 0, "refused": 0, "closed_bad_frame": 0, "closed_idle": 0,
+                      "closed_slow": 0}
+        self.exceptions: dict[int, int] = {}  # exception code -> count
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str | None = None, port: int | None = None) -> None:
         loop = asyncio.get_running_loop()
+        host = self.cfg.host if host is None else host
+        port = self.cfg.port if port is None else port
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._janitor = loop.create_task(self._sweep())
 
     @property
     def port(self) -> int:
@@ -40,6 +62,8 @@ class ModbusTcpServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
         if self._server is not None:
             self._server.close()
             for conn in list(self.connections):
@@ -47,12 +71,40 @@ class ModbusTcpServer:
             await self._server.wait_closed()
             self._server = None
 
+    def admit(self, conn: _Connection, peer: tuple | None) -> str | None:
+        """Why a new connection is refused, or None to accept it."""
+        if self._allow:
+            try:
+                address = ipaddress.ip_address(peer[0]) if peer else None
+            except ValueError:
+                address = None
+            if address is None or not any(address in net for net in self._allow):
+                return "client address not in modbus_tcp.allow"
+        if len(self.connections) >= self.cfg.max_connections:
+            return f"already {len(self.connections)} connections (modbus_tcp.max_connections)"
+        return None
+
+    async def _sweep(self) -> None:
+        """Close connections that went idle, or that started a request and never finished it."""
+        while True:
+            await asyncio.sleep(CHECK_PERIOD)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.partial_since is not None and now - conn.partial_since > self.cfg.frame_timeout:
+                    self.stats["closed_slow"] += 1
+                    conn.close("request incomplete after modbus_tcp.frame_timeout")
+                elif not conn.pending and now - conn.last_request > self.cfg.idle_timeout:
+                    self.stats["closed_idle"] += 1
+                    conn.close("idle for modbus_tcp.idle_timeout")
+
     # ------------------------------------------------------------- requests
-    def answer_now(self, unit: int, pdu: bytes) -> bytes | P.WriteRequest:
+    def answer_now(self, unit: int, pdu: bytes, pending: int = 0) -> bytes | P.WriteRequest:
         """The response PDU for a request, or the parsed write to carry to the bus."""
-        self.requests += 1
+        self.stats["requests"] += 1
         try:
             request = P.parse_request(pdu)
+            if unit in BROADCAST_UNITS:  # a gateway never fans a request out to every meter
+                raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE)
             if isinstance(request, P.ReadRequest):
                 data = self.image.read(unit, request.function, request.address, request.count)
                 return P.read_response_pdu(request.function, data)
@@ -63,8 +115,11 @@ class ModbusTcpServer:
                 raise P.PduException(request.function, P.ILLEGAL_FUNCTION)
             if not u.meter.may_write(request.address, len(request.values)):
                 raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS)  # outside write_ranges
+            if pending >= self.cfg.max_pending:
+                raise P.PduException(request.function, SERVER_BUSY)
             return request
         except P.PduException as exc:
+            self.exceptions[exc.code] = self.exceptions.get(exc.code, 0) + 1
             return exc.pdu()
 
     async def write(self, unit: int, request: P.WriteRequest) -> bytes:
@@ -74,6 +129,7 @@ class ModbusTcpServer:
         except ExceptionReply as exc:
             return P.exception_pdu(request.function, exc.code)
         except TransactionError:
+            self.exceptions[P.GATEWAY_TARGET_FAILED] = self.exceptions.get(P.GATEWAY_TARGET_FAILED, 0) + 1
             return P.exception_pdu(request.function, P.GATEWAY_TARGET_FAILED)
 
 
@@ -81,12 +137,23 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: ModbusTcpServer):
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.peer = None
         self.buf = bytearray()
         self.pending: set[asyncio.Task[None]] = set()
+        self.last_request = time.monotonic()
+        self.partial_since: float | None = None  # when the incomplete frame in buf began
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        refused = self.server.admit(self, self.peer)
+        if refused is not None:
+            self.server.stats["refused"] += 1
+            log.warning("refusing Modbus TCP connection from %s: %s", _who(self.peer), refused)
+            transport.close()
+            return
         self.server.connections.add(self)
+        self.server.stats["connections"] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -94,11 +161,29 @@ class _Connection(asyncio.Protocol):
             task.cancel()
         self.transport = None
 
-    def close(self) -> None:
+    def close(self, why: str = "") -> None:
+        if why:
+            log.info("closing Modbus TCP connection from %s: %s", _who(self.peer), why)
         if self.transport is not None:
             self.transport.close()
 
+    # TCP backpressure: a client that sends without reading its answers stops being read
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception:  # a bug must cost this one connection, never the server
+            log.exception("Modbus TCP connection from %s failed; closing it", _who(self.peer))
+            self.close()
+
+    def _received(self, data: bytes) -> None:
         self.buf += data
         out = []
         try:
@@ -107,7 +192,8 @@ class _Connection(asyncio.Protocol):
                 if frame is None:
                     break
                 del self.buf[:used]
-                reply = self.server.answer_now(frame.unit, frame.pdu)
+                self.last_request = time.monotonic()
+                reply = self.server.answer_now(frame.unit, frame.pdu, len(self.pending))
                 if isinstance(reply, bytes):
                     out.append(mbap.encode(frame.tid, frame.unit, reply))
                 else:
@@ -115,12 +201,12 @@ class _Connection(asyncio.Protocol):
                     self.pending.add(task)
                     task.add_done_callback(self.pending.discard)
         except ProtocolError as exc:
-            peer = self.transport.get_extra_info("peername") if self.transport else None
-            log.info("closing Modbus TCP connection from %s: %s", peer, exc)
+            self.server.stats["closed_bad_frame"] += 1
             if out and self.transport is not None:
                 self.transport.write(b"".join(out))
-            self.close()
+            self.close(str(exc))
             return
+        self.partial_since = (self.partial_since or time.monotonic()) if self.buf else None
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
@@ -128,3 +214,7 @@ class _Connection(asyncio.Protocol):
         reply = await self.server.write(frame.unit, request)
         if self.transport is not None:
             self.transport.write(mbap.encode(frame.tid, frame.unit, reply))
+
+
+def _who(peer) -> str:
+    return f"{peer[0]}:{peer[1]}" if peer else "?"

@@ -105,6 +105,11 @@ class ModbusTcpConfig:
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = 502
+    max_connections: int = 64  # a new connection beyond this is closed at once
+    idle_timeout: float = 300.0  # seconds without a request before a connection is closed
+    frame_timeout: float = 5.0  # seconds a started request may take to arrive in full
+    max_pending: int = 16  # requests per connection awaiting the bus (writes); more get exception 0x06
+    allow: tuple[str, ...] = ()  # client addresses or networks (CIDR) allowed to connect; empty: any
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class Segment:
         self._quiet_gap = max(QUIET_GAP, 2 * self._silence)
         self._line_free_at = 0.0  # monotonic time after which the next frame may start
         self._late_suspect: MeterDiagnostics | None = None  # whose reply may still arrive late
+        self._stopping = False
         self.tried_all = asyncio.Event()  # every meter polled at least once (readiness)
 
     # compatibility views for readers of the old attributes
@@ -110,12 +111,17 @@ class Segment:
         self._wakeup.set()
         return await future
 
+    def request_stop(self) -> None:
+        """Finish the transaction in flight, then return from ``run``."""
+        self._stopping = True
+        self._wakeup.set()
+
     async def run(self) -> None:
-        """Own the port until cancelled: open it, poll, reopen with backoff when it is lost."""
+        """Own the port until stopped: open it, poll, reopen with backoff when it is lost."""
         self.diag.started = time.monotonic()
         backoff = REOPEN_BACKOFF[0]
         try:
-            while True:
+            while not self._stopping:
                 try:
                     self._link = self._link_factory(self.cfg)
                 except PortError as exc:
@@ -145,7 +151,7 @@ class Segment:
         for state in self.meters.values():
             state.next_due = now
         round_start, polled = now, set()
-        while True:
+        while not self._stopping:
             while self._writes:
                 await self._do_write(self._writes.popleft())
             state = min(self.meters.values(), key=lambda s: s.next_due)
@@ -175,6 +181,8 @@ class Segment:
         meter = state.meter
         try:
             for block in state.blocks:
+                if self._stopping:
+                    return
                 while self._writes:  # a write waits for one block at most, not a whole poll
                     await self._do_write(self._writes.popleft())
                 request = P.ReadRequest(int(block.function), block.address, block.count)
