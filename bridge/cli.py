@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--modbus-port", type=int, default=5020)
     demo.add_argument("--opcua-port", type=int, default=4840)
 
+    sub.add_parser("hash-password", help="hash an OPC UA user's password for the configuration (reads stdin)")
+
     profiles = sub.add_parser("profiles", help="list the built-in meter profiles, or show one")
     profiles.add_argument("name", nargs="?")
     profiles.add_argument("--json", action="store_true")
@@ -151,9 +153,27 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise BridgeError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise BridgeError("empty password")
+    print(hash_password(password))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "check": cmd_check,
     "demo": cmd_demo,
     "profiles": cmd_profiles,
+    "hash-password": cmd_hash_password,
 }

@@ -7,6 +7,7 @@ the checked records, which still know the line of every value.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -21,6 +22,7 @@ from .model import (
     MeterConfig,
     ModbusTcpConfig,
     OpcUaConfig,
+    OpcUaUser,
     Profile,
     SegmentConfig,
 )
@@ -117,10 +119,30 @@ MODBUS_TCP_SCHEMA: dict[str, Field] = {
     "allow": Field(list_of(scalar(_network), what="address", non_empty=False), []),
 }
 
+SECURITY_MODES = ("None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt")
+
+
+def _password_hash(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("scrypt$") or value.count("$") != 5:
+        raise Invalid("expected a hash made by `modbus-bridge hash-password` (scrypt$...), never a plain password")
+    return value
+
+
+OPCUA_USER_SCHEMA: dict[str, Field] = {
+    "name": Field(text()),
+    "password": Field(scalar(_password_hash), attr="password_hash"),
+}
+
 OPCUA_SCHEMA: dict[str, Field] = {
     "enabled": Field(boolean(), True),
     "endpoint": Field(scalar(_endpoint), "opc.tcp://0.0.0.0:4840/bridge"),
     "namespace": Field(text(), "urn:modbus-bridge"),
+    "security": Field(list_of(one_of({m: m for m in SECURITY_MODES}, "security mode"), what="security mode"),
+                      ["Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign"]),
+    "certificate_dir": Field(text(), "pki"),
+    "trusted_clients_dir": Field(text(allow_empty=True), ""),
+    "anonymous": Field(boolean(), True),
+    "users": Field(list_of(record_of(OPCUA_USER_SCHEMA), what="user", non_empty=False), []),
 }
 
 HTTP_SCHEMA: dict[str, Field] = {
@@ -296,8 +318,13 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
         ("modbus_tcp", _modbus_tcp), ("opcua", _opcua), ("http", _http)))
     if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http):
         return None
+    opcua = opcua or OpcUaConfig()
+    # certificate directories are relative to the configuration file, like profile paths
+    pki = base_dir / opcua.certificate_dir
+    opcua = dataclasses.replace(opcua, certificate_dir=str(pki),
+                                trusted_clients_dir=str(base_dir / (opcua.trusted_clients_dir or pki / "trusted")))
     return Config(segments=tuple(segments), stale_after=stale_after,
-                  modbus_tcp=modbus_tcp or ModbusTcpConfig(), opcua=opcua or OpcUaConfig(),
+                  modbus_tcp=modbus_tcp or ModbusTcpConfig(), opcua=opcua,
                   http=http, source=str(ctx.file))
 
 
@@ -316,7 +343,10 @@ def _modbus_tcp(rec: Record) -> ModbusTcpConfig:
 
 
 def _opcua(rec: Record) -> OpcUaConfig:
-    return OpcUaConfig(**rec.kwargs(OPCUA_SCHEMA))
+    values = rec.kwargs(OPCUA_SCHEMA)
+    values["security"] = tuple(dict.fromkeys(values["security"]))
+    values["users"] = tuple(OpcUaUser(**u.kwargs(OPCUA_USER_SCHEMA)) for u in values["users"] if u is not INVALID)
+    return OpcUaConfig(**values)
 
 
 def _http(rec: Record) -> HttpConfig:

@@ -42,6 +42,7 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
         f"  listen: {host}:{modbus_port}",
         "opcua:",
         f"  endpoint: opc.tcp://{host}:{opcua_port}/bridge",
+        "  security: [None]  # the demo only: a real installation signs and encrypts",
     ]
     return "\n".join(lines) + "\n"
 

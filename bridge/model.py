@@ -113,10 +113,22 @@ class ModbusTcpConfig:
 
 
 @dataclass(frozen=True)
+class OpcUaUser:
+    name: str
+    password_hash: str  # from `modbus-bridge hash-password`: scrypt$n$r$p$salt$hash (base64)
+
+
+@dataclass(frozen=True)
 class OpcUaConfig:
     enabled: bool = True
     endpoint: str = "opc.tcp://0.0.0.0:4840/bridge"
     namespace: str = "urn:modbus-bridge"
+    # SecurityPolicy/mode pairs offered; "None" (no security) only when listed explicitly
+    security: tuple[str, ...] = ("Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign")
+    certificate_dir: str = "pki"  # our certificate and key (created on first start); relative: to the config file
+    trusted_clients_dir: str = ""  # client certificates trusted; "": <certificate_dir>/trusted
+    anonymous: bool = True  # anonymous sessions (on the offered security policies)
+    users: tuple[OpcUaUser, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ async def running_bridge(
         tuple(segments),
         stale_after=stale_after,
         modbus_tcp=ModbusTcpConfig(host="127.0.0.1", port=0),
-        opcua=OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge", namespace=namespace),
+        opcua=OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge", namespace=namespace,
+                          security=("None",)),
     )
     app = App(config)
     runner = asyncio.create_task(app.run())

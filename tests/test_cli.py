@@ -123,3 +123,13 @@ def test_bad_input_is_one_line_and_exit_2(argv):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("modbus-bridge: error:"), out.stderr
+
+
+def test_hash_password_reads_stdin_and_verifies():
+    from bridge.passwords import verify_password
+
+    out = subprocess.run([*BRIDGE, "hash-password"], input="correct horse\n", capture_output=True, text=True,
+                         check=True)
+    stored = out.stdout.strip()
+    assert stored.startswith("scrypt$") and "correct horse" not in stored
+    assert verify_password("correct horse", stored) and not verify_password("wrong", stored)

@@ -105,7 +105,9 @@ def test_full_config_loads_into_frozen_objects(tmp_path):
     assert (b.name, b.baudrate, b.parity, b.meters[0].unit) == ("panel_b", 9600, "N", 21)
     assert config.stale_after == 5.0
     assert config.modbus_tcp == ModbusTcpConfig(enabled=False, host="127.0.0.1", port=5020)
-    assert config.opcua == OpcUaConfig(enabled=True, endpoint="opc.tcp://127.0.0.1:4841/x", namespace="urn:test")
+    assert config.opcua == OpcUaConfig(enabled=True, endpoint="opc.tcp://127.0.0.1:4841/x", namespace="urn:test",
+                                       certificate_dir=str(tmp_path / "pki"),
+                                       trusted_clients_dir=str(tmp_path / "pki" / "trusted"))
     assert config.http == HttpConfig(host="::1", port=0)
     assert [m.name for m in config.meters] == ["incomer", "feeder", "pump"]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -122,7 +124,11 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path):
         7, 1.0, False, (), 10.0)
     assert config.stale_after == 10.0
     assert config.modbus_tcp == ModbusTcpConfig(enabled=True, host="0.0.0.0", port=502)
-    assert config.opcua == OpcUaConfig(True, "opc.tcp://0.0.0.0:4840/bridge", "urn:modbus-bridge")
+    assert config.opcua == OpcUaConfig(True, "opc.tcp://0.0.0.0:4840/bridge", "urn:modbus-bridge",
+                                       certificate_dir=str(tmp_path / "pki"),
+                                       trusted_clients_dir=str(tmp_path / "pki" / "trusted"))
+    # SecurityPolicy None is never offered unless the configuration lists it
+    assert "None" not in config.opcua.security and config.opcua.anonymous
     assert config.http is None
 
 
@@ -134,7 +140,8 @@ def test_top_level_stale_after_is_inherited_by_meters(tmp_path):
 def test_empty_sections_take_defaults(tmp_path):
     config = load_config(write(tmp_path, MINIMAL + "modbus_tcp:\nopcua:\nhttp:\n"))
     assert config.modbus_tcp == ModbusTcpConfig()
-    assert config.opcua == OpcUaConfig()
+    assert config.opcua == OpcUaConfig(certificate_dir=str(tmp_path / "pki"),
+                                       trusted_clients_dir=str(tmp_path / "pki" / "trusted"))
     assert config.http == HttpConfig()  # present, even empty, switches HTTP on with its defaults
 
 
@@ -657,3 +664,28 @@ def test_poll_interval_not_shorter_than_stale_after_is_an_error(tmp_path):
     [issue] = err.value.issues
     assert (issue.line, issue.key) == (8, "segments[0].meters[0].poll_interval")
     assert "stale_after 10 s" in issue.message
+
+
+def test_opcua_security_settings(tmp_path):
+    good = "scrypt$16384$8$1$c2FsdA==$aGFzaA=="
+    config = load_config(write(tmp_path, MINIMAL + textwrap.dedent(f"""\
+        opcua:
+          security: [None, Basic256Sha256_Sign]
+          certificate_dir: /etc/modbus-bridge/pki
+          anonymous: false
+          users:
+            - {{name: scada, password: "{good}"}}
+        """)))
+    assert config.opcua.security == ("None", "Basic256Sha256_Sign")
+    assert config.opcua.certificate_dir == "/etc/modbus-bridge/pki"
+    assert config.opcua.trusted_clients_dir == "/etc/modbus-bridge/pki/trusted"
+    assert [(u.name, u.password_hash) for u in config.opcua.users] == [("scada", good)]
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + textwrap.dedent("""\
+            opcua:
+              security: [Basic128]
+              users:
+                - {name: scada, password: hunter2}
+            """)))
+    assert [i.key for i in err.value.issues] == ["opcua.security[0]", "opcua.users[0].password"]
+    assert "never a plain password" in err.value.issues[1].message
