@@ -9,7 +9,7 @@ import asyncio
 import socket
 import struct
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import AsyncIterator
 
 from . import mbap
@@ -73,10 +73,12 @@ async def running_bridge(
     opcua: bool = False,
     namespace: str = "urn:modbus-bridge",
     bus_options: dict | None = None,
+    modbus_options: dict | None = None,
     **segment_options,
 ) -> AsyncIterator[Harness]:
     """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port
-    (and OPC UA on another when ``opcua``)."""
+    (and OPC UA on another when ``opcua``). ``modbus_options`` override fields of the
+    Modbus TCP server's config (max_connections, idle_timeout, frame_timeout, max_pending, allow)."""
     buses, sims, segments, meters = {}, {}, [], {}
     for seg_name, specs in layout.items():
         seg_sims = []
@@ -103,7 +105,7 @@ async def running_bridge(
     config = Config(
         tuple(segments),
         stale_after=stale_after,
-        modbus_tcp=ModbusTcpConfig(host="127.0.0.1", port=0),
+        modbus_tcp=replace(ModbusTcpConfig(host="127.0.0.1", port=0), **(modbus_options or {})),
         opcua=OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge", namespace=namespace,
                           security=("None",)),
     )
