@@ -18,6 +18,7 @@ from .errors import BridgeError, ConfigError
 from .profiles import UnknownProfile
 
 PROG = "modbus-bridge"
+STOP_TIMEOUT = 4.5  # seconds a stop may take before the rest is cancelled (SIGTERM: exit within 5 s)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +79,9 @@ def _serve(make: Callable[[asyncio.Event], Awaitable[None]]) -> int:
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
-        if not task.done():
+        # stopping: the work winds down by itself (finishing a transaction in flight), within bounds
+        done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+        if not done:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -124,7 +127,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return _serve(lambda stop: run_demo(args.modbus_port, args.opcua_port))
+    return _serve(lambda stop: run_demo(args.modbus_port, args.opcua_port, stop))
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:

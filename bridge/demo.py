@@ -70,7 +70,8 @@ def banner(app: App, config_path: Path) -> str:
     return "\n".join(rows)
 
 
-async def run_demo(modbus_port: int, opcua_port: int, ready: asyncio.Event | None = None) -> None:
+async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (or cancelled)."""
     buses = {
         segment: SimulatedBus([SimMeter(slave, get_builtin(profile)) for _, slave, _, profile in meters])
         for segment, meters in DEMO_LAYOUT.items()
@@ -87,14 +88,15 @@ async def run_demo(modbus_port: int, opcua_port: int, ready: asyncio.Event | Non
             if runner.done():
                 await runner  # raises why it could not start
             print(banner(app, path), flush=True)
-            if ready is not None:
-                ready.set()
+            stopper = asyncio.create_task((stop or asyncio.Event()).wait())
             try:
-                await runner
+                await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                app.stop()
+                stopper.cancel()
                 listening.cancel()
-                await asyncio.gather(runner, return_exceptions=True)
+                app.stop()
+                await asyncio.wait({runner})
+            runner.result()  # raises if the bridge failed rather than stopped
     finally:
         for bus in buses.values():
             bus.close()

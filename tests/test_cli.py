@@ -133,3 +133,38 @@ def test_hash_password_reads_stdin_and_verifies():
     stored = out.stdout.strip()
     assert stored.startswith("scrypt$") and "correct horse" not in stored
     assert verify_password("correct horse", stored) and not verify_password("wrong", stored)
+
+
+async def test_sigterm_finishes_the_transaction_in_flight_then_exits_0(tmp_path):
+    sim = SimMeter(7, get_builtin("eastron-sdm120"), animate=False)
+    sim.faults.delay = 1.0  # every reply takes a second: a transaction is always in flight
+    async with SimulatedBus([sim]) as bus:
+        cfg = tmp_path / "bridge.yaml"
+        cfg.write_text(
+            "segments:\n"
+            f"  - name: seg\n    port: {bus.path}\n    timeout: 2.0\n"
+            "    meters:\n      - {name: m, slave: 7, profile: eastron-sdm120, poll_interval: 0}\n"
+            "modbus_tcp:\n  listen: 127.0.0.1:0\nopcua:\n  enabled: false\n"
+        )
+        proc = await asyncio.create_subprocess_exec(*BRIDGE, "run", "-c", str(cfg), stderr=asyncio.subprocess.PIPE)
+        try:
+            await _wait_for_line(proc.stderr, r"Modbus TCP listening")
+            async with asyncio.timeout(5):
+                while bus.stats.requests < 2:
+                    await asyncio.sleep(0.01)
+            requests = bus.stats.requests
+            while bus.stats.requests == requests:  # the moment a new request went out
+                await asyncio.sleep(0.005)
+            loop = asyncio.get_running_loop()
+            signalled = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):
+                assert await proc.wait() == 0
+            took = loop.time() - signalled
+            # it waited for the reply (due a second after the request), and no longer than 5 s
+            assert 0.8 < took < 5.0, took
+            assert "Traceback" not in (await proc.stderr.read()).decode()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
