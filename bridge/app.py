@@ -74,6 +74,8 @@ class App:
                         task.cancel()
         except* OSError as group:
             raise BridgeError(f"cannot listen: {group.exceptions[0]}") from None
+        except* BridgeError as group:  # e.g. an unusable OPC UA certificate: one line for the user
+            raise group.exceptions[0] from None
 
     @staticmethod
     async def _supervised(name: str, work: Callable[[], Awaitable[None]]) -> None:

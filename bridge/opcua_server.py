@@ -27,6 +27,7 @@ from . import __version__, codec
 from .image import Change, Health, RegisterImage
 from .model import Config, Measurement, MeterConfig, OpcUaConfig
 from .opcua_nodes import ANALOG_ITEM_TYPE, NodeBuilder
+from .opcua_security import configure_security
 from .units import CEFACT_NAMESPACE, unit_for
 
 log = logging.getLogger("bridge.opcua")
@@ -145,7 +146,7 @@ class OpcUaServer:
         await server.set_application_uri(f"urn:modbus-bridge:{urlparse(self.cfg.endpoint).hostname}")
         await server.set_build_info("https://github.com/modbus-bridge/modbus-bridge", "modbus-bridge",
                                     "modbus-bridge", __version__, __version__, datetime.now(timezone.utc))
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await configure_security(server, self.cfg)
         self.ns = await server.register_namespace(self.cfg.namespace)
         self._build(NodeBuilder(server.iserver.aspace, self.ns))
         self.image.subscribe(self._on_image)

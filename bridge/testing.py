@@ -74,11 +74,14 @@ async def running_bridge(
     namespace: str = "urn:modbus-bridge",
     bus_options: dict | None = None,
     modbus_options: dict | None = None,
+    opcua_options: dict | None = None,
     **segment_options,
 ) -> AsyncIterator[Harness]:
     """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port
     (and OPC UA on another when ``opcua``). ``modbus_options`` override fields of the
-    Modbus TCP server's config (max_connections, idle_timeout, frame_timeout, max_pending, allow)."""
+    Modbus TCP server's config (max_connections, idle_timeout, frame_timeout, max_pending, allow);
+    ``opcua_options`` those of the OPC UA server's (security, certificate_dir, trusted_clients_dir,
+    anonymous, users)."""
     buses, sims, segments, meters = {}, {}, [], {}
     for seg_name, specs in layout.items():
         seg_sims = []
@@ -106,8 +109,8 @@ async def running_bridge(
         tuple(segments),
         stale_after=stale_after,
         modbus_tcp=replace(ModbusTcpConfig(host="127.0.0.1", port=0), **(modbus_options or {})),
-        opcua=OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge", namespace=namespace,
-                          security=("None",)),
+        opcua=replace(OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge",
+                                  namespace=namespace, security=("None",)), **(opcua_options or {})),
     )
     app = App(config)
     runner = asyncio.create_task(app.run())
