@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:  # `modbus-bridge points ... | head`: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
 
 
 def _serve(make: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -145,7 +148,9 @@ def cmd_profiles(args: argparse.Namespace) -> int:
             return 0
         print(f"{profile.name}: {profile.description}")
         for r in rows:
-            print(f"  {r['name']:<28} {r['function']:<8} 0x{r['address']:04X}  {r['type']:<8} {r['unit']}")
+            scale = f"x{r['scale']:g}" if r["scale"] != 1 else ""
+            print(f"  {r['name']:<28} {r['function']:<8} 0x{r['address']:04X}  {r['type']:<8} "
+                  f"{r['word_order']:<6} {scale:<8} {r['unit']}")
         return 0
     profiles = [get_builtin(n) for n in builtin_profile_names()]
     if args.json:

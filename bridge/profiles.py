@@ -117,7 +117,7 @@ def get_builtin(name: str) -> Profile:
     entry = _builtin_dir() / f"{name}.yaml"
     if name not in builtin_profile_names():
         raise UnknownProfile(f"unknown built-in profile '{name}'{_suggest(name)}; "
-                             f"built-in profiles: {', '.join(builtin_profile_names())}")
+                             "`modbus-bridge profiles` lists them")
     return _from_text(entry.read_text(encoding="utf-8"), str(entry), source="builtin")
 
 
@@ -138,8 +138,8 @@ def resolve_profile(ref: str, relative_to: Path) -> Profile:
         return load_profile(path)
     if _looks_like_path(ref):
         raise UnknownProfile(f"profile file not found: {path}")
-    raise UnknownProfile(f"unknown profile '{ref}'{_suggest(ref)}; built-in profiles: "
-                         f"{', '.join(builtin_profile_names())} (or give the path of a profile file)")
+    raise UnknownProfile(f"unknown profile '{ref}'{_suggest(ref)}; `modbus-bridge profiles` lists the "
+                         "built-in ones, or give the path of a profile file")
 
 
 def _builtin_dir() -> Any:

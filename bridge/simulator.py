@@ -126,10 +126,11 @@ class SimMeter:
         }
         values = {}
         for m in self.profile.measurements:
-            stem = m.name.rsplit("_l", 1)[0] if m.name[-3:-1] == "_l" else m.name
-            if stem == "voltage" and m.name.count("_l") == 2:  # line-to-line
+            if m.name.startswith("voltage_l") and m.name.count("_l") == 2:  # line-to-line
                 values[m.name] = voltage * math.sqrt(3)
-            elif stem in base:
+                continue
+            stem = m.name.rsplit("_l", 1)[0] if m.name[-3:-1] == "_l" else m.name
+            if stem in base:
                 share = 1 / 3 if m.name != stem and ("power" in stem or "energy" in stem) else 1.0
                 values[m.name] = base[stem] * share
         return self._fit(values)
