@@ -142,6 +142,7 @@ class _Connection(asyncio.Protocol):
         self.pending: set[asyncio.Task[None]] = set()
         self.last_request = time.monotonic()
         self.partial_since: float | None = None  # when the incomplete frame in buf began
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -165,7 +166,15 @@ class _Connection(asyncio.Protocol):
         if why:
             log.info("closing Modbus TCP connection from %s: %s", _who(self.peer), why)
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()  # close() would wait for a client that does not read
+            else:
+                self.transport.close()
+
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what it already asked, then close."""
+        self.eof = True
+        return bool(self.pending)  # True keeps the transport open for the pending writes
 
     # TCP backpressure: a client that sends without reading its answers stops being read
     def pause_writing(self) -> None:
@@ -186,12 +195,14 @@ class _Connection(asyncio.Protocol):
     def _received(self, data: bytes) -> None:
         self.buf += data
         out = []
+        consumed = False
         try:
             while True:
                 used, frame = mbap.decode(self.buf)
                 if frame is None:
                     break
                 del self.buf[:used]
+                consumed = True
                 self.last_request = time.monotonic()
                 reply = self.server.answer_now(frame.unit, frame.pdu, len(self.pending))
                 if isinstance(reply, bytes):
@@ -206,7 +217,10 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(b"".join(out))
             self.close(str(exc))
             return
-        self.partial_since = (self.partial_since or time.monotonic()) if self.buf else None
+        if not self.buf:
+            self.partial_since = None
+        elif consumed or self.partial_since is None:
+            self.partial_since = time.monotonic()  # a new request began arriving
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
@@ -214,6 +228,8 @@ class _Connection(asyncio.Protocol):
         reply = await self.server.write(frame.unit, request)
         if self.transport is not None:
             self.transport.write(mbap.encode(frame.tid, frame.unit, reply))
+            if self.eof and len(self.pending) <= 1:  # the last answer a half-closed client waited for
+                self.close()
 
 
 def _who(peer) -> str:
