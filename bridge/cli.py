@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from .errors import BridgeError, ConfigError
 from .profiles import UnknownProfile
@@ -21,10 +22,17 @@ PROG = "modbus-bridge"
 STOP_TIMEOUT = 4.5  # seconds a stop may take before the rest is cancelled (SIGTERM: exit within 5 s)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are one line, like every other error (`--help` still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Modbus RTU meters served over Modbus TCP and OPC UA.")
+    p = _Parser(prog=PROG, description="Modbus RTU meters served over Modbus TCP and OPC UA.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the bridge from a configuration file")
     run.add_argument("-c", "--config", required=True, metavar="FILE")
@@ -36,12 +44,59 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--modbus-port", type=int, default=5020)
     demo.add_argument("--opcua-port", type=int, default=4840)
 
+    scan = sub.add_parser("scan", help="find which slave addresses answer on a bus (commissioning)")
+    scan.add_argument("--port", required=True, metavar="DEV")
+    scan.add_argument("--baudrate", type=int, default=9600)
+    scan.add_argument("--baudrates", type=_int_list, metavar="LIST",
+                      help="try several speeds, e.g. 2400,4800,9600,19200 (overrides --baudrate)")
+    scan.add_argument("--parity", choices=["N", "E", "O"], default="N")
+    scan.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
+    scan.add_argument("--slaves", type=_slave_set, default=list(range(1, 248)), metavar="RANGE",
+                      help="addresses to probe, e.g. 1-247 or 1,2,10-20 (default 1-247)")
+    scan.add_argument("--timeout", type=float, default=0.1, help="seconds per probe (default 0.1)")
+    scan.add_argument("--json", action="store_true")
+
+    read = sub.add_parser("read", help="read one meter once and print its measurements")
+    read.add_argument("--port", required=True, metavar="DEV")
+    read.add_argument("--slave", type=int, required=True)
+    read.add_argument("--profile", required=True, metavar="NAME", help="a built-in profile name or a profile file")
+    read.add_argument("--baudrate", type=int, default=9600)
+    read.add_argument("--parity", choices=["N", "E", "O"], default="N")
+    read.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
+    read.add_argument("--timeout", type=float, default=0.5)
+    read.add_argument("--json", action="store_true")
+
+    points = sub.add_parser("points", help="the points list: every measurement with its addresses and NodeId")
+    points.add_argument("-c", "--config", required=True, metavar="FILE")
+    points.add_argument("--format", choices=["csv", "json", "md"], default="csv")
+
     sub.add_parser("hash-password", help="hash an OPC UA user's password for the configuration (reads stdin)")
 
     profiles = sub.add_parser("profiles", help="list the built-in meter profiles, or show one")
     profiles.add_argument("name", nargs="?")
     profiles.add_argument("--json", action="store_true")
     return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _slave_set(text: str) -> list[int]:
+    """``1-247`` or ``1,2,10-20`` -> sorted addresses, each 1..247."""
+    slaves: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            slaves.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected addresses like 1-247 or 1,2,10-20, got {text!r}") from None
+    if not slaves or min(slaves) < 1 or max(slaves) > 247:
+        raise argparse.ArgumentTypeError(f"slave addresses are 1..247, got {text!r}")
+    return sorted(slaves)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,10 +233,106 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .commissioning import scan
+
+    baudrates = args.baudrates or [args.baudrate]
+    tty = sys.stderr.isatty()
+
+    def progress(baud: int, slave: int, found: int) -> None:
+        line = f"scanning {args.port} at {baud} baud: address {slave} of {args.slaves[-1]}, {found} found"
+        if tty:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif slave == args.slaves[0] or slave % 25 == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    found = asyncio.run(scan(args.port, baudrates, args.slaves, parity=args.parity, stopbits=args.stopbits,
+                             timeout=args.timeout, progress=progress))
+    if tty:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps([f.as_dict() for f in found]))
+        return 0
+    if not found:
+        print("no meter answered", file=sys.stderr)
+        return 0
+    print(f"{'slave':>5}  {'baud':>6}  fits profiles")
+    for f in found:
+        print(f"{f.slave:>5}  {f.baudrate:>6}  {', '.join(f.profiles) or '(none of the built-in profiles)'}")
+    return 0
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .commissioning import read_meter
+    from .profiles import resolve_profile
+
+    profile = resolve_profile(args.profile, Path.cwd())
+    values = asyncio.run(read_meter(args.port, args.slave, profile, baudrate=args.baudrate, parity=args.parity,
+                                    stopbits=args.stopbits, timeout=args.timeout))
+    if args.json:
+        print(json.dumps(values))
+        return 0
+    units = {m.name: m.unit for m in profile.measurements}
+    print(f"{profile.name}, slave {args.slave} on {args.port}")
+    for name, value in values.items():
+        print(f"  {name:<28} {value:>14.4f} {units[name]}")
+    return 0
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    import csv
+
+    from .commissioning import points_rows
+    from .config import load_config
+
+    config = load_config(args.config)
+    rows = points_rows(config)
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print(_points_markdown(config, rows))
+    return 0
+
+
+def _points_markdown(config, rows: list[dict]) -> str:
+    """A points list an integrator can hand over: one table per meter."""
+    out = [f"# Points list: {config.source}", ""]
+    tcp, ua = config.modbus_tcp, config.opcua
+    if tcp.enabled:
+        out.append(f"Modbus TCP: `{tcp.host}:{tcp.port}`; each meter under its unit id, at its own addresses.")
+    if ua.enabled:
+        out.append(f"OPC UA: `{ua.endpoint}`, namespace `{ua.namespace}`; NodeIds below use the namespace URI.")
+    out.append("")
+    for seg in config.segments:
+        for meter in seg.meters:
+            out += [f"## {meter.name}: unit {meter.unit}",
+                    "",
+                    f"Profile `{meter.profile.name}`, slave {meter.slave} on segment `{seg.name}` ({seg.port}).",
+                    "",
+                    "| measurement | FC | address | reference | type | word order | scale | unit | OPC UA NodeId |",
+                    "|---|---|---:|---|---|---|---:|---|---|"]
+            for r in rows:
+                if r["meter"] == meter.name:
+                    out.append(f"| {r['measurement']} | {r['function']} | {r['address']} (0x{r['address']:04X}) | "
+                               f"{r['reference']} | {r['type']} | {r['word_order']} | {r['scale']:g} | "
+                               f"{r['unit']} | `{r['nodeid']}` |")
+            out.append("")
+    return "\n".join(out)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "check": cmd_check,
     "demo": cmd_demo,
     "profiles": cmd_profiles,
     "hash-password": cmd_hash_password,
+    "scan": cmd_scan,
+    "read": cmd_read,
+    "points": cmd_points,
 }

@@ -25,12 +25,12 @@ from .errors import BadReply, ExceptionReply, PortError, ReplyTimeout, Transacti
 from .image import RegisterImage
 from .model import MeterConfig, SegmentConfig
 from .plan import Block, plan_meter
+from .rtu_master import RtuMaster
 from .serial_link import PySerialLink, SerialLink
 
 log = logging.getLogger("bridge.segment")
 
 REOPEN_BACKOFF = (0.1, 3.0)  # first and longest wait before reopening a lost port
-QUIET_GAP = 0.05  # a reply that stopped arriving for this long (and ≥ 2 × t3.5) is over
 TURNAROUND_WEIGHT = 0.2  # weight of a new sample in the moving average of a meter's turnaround
 REPLAN_CHANGE = 0.25  # replan a meter when its turnaround moved by this fraction (and a character)
 
@@ -75,10 +75,7 @@ class Segment:
         self._writes: deque[_Write] = deque()
         self._wakeup = asyncio.Event()
         self._char = rtu.char_time(cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
-        self._silence = rtu.silence(cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
-        self._quiet_gap = max(QUIET_GAP, 2 * self._silence)
-        self._line_free_at = 0.0  # monotonic time after which the next frame may start
-        self._late_suspect: MeterDiagnostics | None = None  # whose reply may still arrive late
+        self._master: RtuMaster | None = None  # per open port
         self._stopping = False
         self.tried_all = asyncio.Event()  # every meter polled at least once (readiness)
 
@@ -129,6 +126,8 @@ class Segment:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, REOPEN_BACKOFF[1])
                     continue
+                cfg = self.cfg
+                self._master = RtuMaster(self._link, cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
                 log.info("segment %s: port %s open", self.cfg.name, self.cfg.port)
                 self.diag.port_open = True
                 backoff = REOPEN_BACKOFF[0]
@@ -251,7 +250,10 @@ class Segment:
                     c.retries += 1
             started = time.monotonic()
             try:
-                return await self._once(state, request)
+                reply = await self._master.transact(state.meter.slave, request, self.cfg.timeout,
+                                                    (self.diag, state.diag))
+                self._measure_turnaround(state, reply.turnaround)
+                return reply.payload, reply.stamp
             except (ReplyTimeout, BadReply) as exc:
                 last = exc
             finally:
@@ -259,86 +261,7 @@ class Segment:
         assert last is not None
         raise last
 
-    async def _wait_line_free(self) -> None:
-        """Keep the inter-frame silence: not a moment less (a real bus would garble the frame)."""
-        while (wait := self._line_free_at - time.monotonic()) > 0:
-            await asyncio.sleep(wait if wait > 0.002 else 0)  # timers may fire early; finish by yielding
-
-    async def _once(self, state: MeterState, request: P.Request) -> tuple[bytes, float]:
-        link = self._link
-        assert link is not None
-        slave = state.meter.slave
-        counters = (self.diag, state.diag)
-        await self._wait_line_free()
-        if link.buffer:  # a reply that came after its request had given up: never use it
-            for c in (self.diag, self._late_suspect or state.diag):
-                c.late_replies += 1
-            link.discard_input()
-        self._late_suspect = None
-        adu = rtu.frame(slave, P.encode_request(request))
-        for c in counters:
-            c.requests += 1
-        link.write(adu)
-        sent = time.monotonic()
-        deadline = sent + self.cfg.timeout
-        while True:
-            scan = rtu.find_reply(link.buffer, slave, request)
-            if scan.pdu is not None:
-                break
-            now = time.monotonic()
-            # bytes came but formed no reply, and the line has gone quiet: that answer is over
-            quiet_at = link.last_rx + self._quiet_gap if link.buffer else deadline
-            wake = min(deadline, quiet_at)
-            if now >= wake:
-                self._fail(state, request, adu, nothing=not link.buffer)
-            try:
-                async with asyncio.timeout(wake - now):
-                    await link.wait_data()
-            except TimeoutError:
-                pass
-        self._line_free_at = link.last_rx + self._silence
-        stamp = time.time()
-        self._measure_turnaround(state, link, sent, len(adu))
-        if scan.skipped:
-            for c in counters:
-                c.stray_bytes += scan.skipped
-        del link.buffer[: scan.end]
-        try:
-            payload = P.check_response(request, scan.pdu)
-        except ExceptionReply:
-            for c in counters:
-                c.exceptions += 1
-            raise
-        except BadReply as exc:
-            for c in counters:
-                c.count_fault(exc.kind)
-            raise
-        for c in counters:
-            c.good += 1
-        return payload, stamp
-
-    def _fail(self, state: MeterState, request: P.Request, adu: bytes, nothing: bool) -> None:
-        """Classify a transaction that produced no usable reply, count it, and raise."""
-        link = self._link
-        assert link is not None
-        slave = state.meter.slave
-        kind = rtu.classify_failure(link.buffer, slave, request)
-        for c in (self.diag, state.diag):
-            c.count_fault(kind)
-        link.discard_input()
-        if nothing:
-            # The reply may still be on its way: hold the line for the longest possible one,
-            # so it is dropped rather than taken for the answer to the next request.
-            self._line_free_at = time.monotonic() + rtu.max_reply_length(request) * self._char + self._silence
-            self._late_suspect = state.diag
-            raise ReplyTimeout(f"slave {slave}: no reply within {self.cfg.timeout:g} s")
-        self._line_free_at = time.monotonic() + self._silence
-        raise BadReply(kind, f"slave {slave}: {kind.replace('_', ' ')} reply")
-
-    def _measure_turnaround(self, state: MeterState, link: SerialLink, sent: float, request_len: int) -> None:
-        """Time from the end of our request to the reply's first byte, smoothed."""
-        first_byte = link.first_rx - (link.first_rx_len - 1) * self._char
-        sample = max(0.0, first_byte - sent - request_len * self._char)
+    def _measure_turnaround(self, state: MeterState, sample: float) -> None:
         old = state.diag.turnaround
         state.diag.turnaround = sample if old is None else old + TURNAROUND_WEIGHT * (sample - old)
 

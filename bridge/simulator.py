@@ -161,7 +161,10 @@ class SimMeter:
         if isinstance(request, P.ReadRequest):
             fn = Function(request.function)
             addresses = range(request.address, request.end)
-            if not self.profile.read_gaps and not all(a in self._defined[fn] for a in addresses):
+            # like real meters: a read must touch the map (gaps inside it read as 0 unless the
+            # profile says the meter refuses them)
+            defined = [a in self._defined[fn] for a in addresses]
+            if not any(defined) or (not self.profile.read_gaps and not all(defined)):
                 return P.exception_pdu(request.function, P.ILLEGAL_DATA_ADDRESS)
             table = self.tables[fn]
             data = codec.registers_to_bytes([table.get(a, 0) for a in addresses])

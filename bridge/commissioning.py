@@ -1,0 +1,148 @@
+"""Commissioning: find who answers on a bus, read one meter once, and the points list.
+
+``scan`` and ``read`` open the port exclusively, so they refuse a port a
+running bridge holds rather than disturbing its bus silently. ``points_rows``
+is pure: the integrator's points list from a validated configuration.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from . import codec
+from . import pdu as P
+from .errors import ExceptionReply, PortError, TransactionError
+from .model import Config, MeterConfig, Profile
+from .plan import plan_meter
+from .profiles import builtin_profile_names, get_builtin
+from .rtu_master import RtuMaster
+from .serial_link import PySerialLink
+
+SCAN_TIMEOUT = 0.1  # seconds per probe: a meter answers within a few character times
+
+
+@dataclass(frozen=True)
+class Found:
+    slave: int
+    baudrate: int
+    profiles: tuple[str, ...]  # built-in profiles whose first register this meter answers
+
+    def as_dict(self) -> dict:
+        return {"slave": self.slave, "baudrate": self.baudrate, "profiles": list(self.profiles)}
+
+
+def _open(port: str, baudrate: int, parity: str, stopbits: int) -> RtuMaster:
+    try:
+        link = PySerialLink(port, baudrate, parity, stopbits)
+    except PortError as exc:
+        if "lock" in str(exc).lower():  # exclusive: a running bridge holds it; never share its bus
+            raise PortError(f"{port} is in use (a running bridge or another program has it open)") from None
+        raise
+    return RtuMaster(link, baudrate, parity, stopbits)
+
+
+async def _answers(master: RtuMaster, slave: int, request: P.Request, timeout: float, tries: int = 2) -> bool | None:
+    """True for a normal reply, False for a Modbus exception (the meter is there), None for silence."""
+    for _ in range(tries):
+        try:
+            await master.transact(slave, request, timeout)
+            return True
+        except ExceptionReply:
+            return False
+        except TransactionError:
+            continue
+    return None
+
+
+async def scan(port: str, baudrates: Iterable[int], slaves: Iterable[int], *, parity: str = "N",
+               stopbits: int = 1, timeout: float = SCAN_TIMEOUT,
+               progress: Callable[[int, int, int], None] = lambda baud, slave, found: None) -> list[Found]:
+    """Probe each address (one register, one retry) at each baud rate; identify what answers."""
+    found: list[Found] = []
+    slaves = list(slaves)
+    for baud in baudrates:
+        master = _open(port, baud, parity, stopbits)
+        try:
+            for slave in slaves:
+                progress(baud, slave, len(found))
+                if await _answers(master, slave, P.ReadRequest(P.READ_HOLDING, 0, 1), timeout) is None:
+                    continue
+                found.append(Found(slave, baud, await _identify(master, slave, timeout)))
+        finally:
+            master.link.close()
+    return found
+
+
+async def _identify(master: RtuMaster, slave: int, timeout: float) -> tuple[str, ...]:
+    """The built-in profiles whose first measurement this meter answers with a normal reply."""
+    fits = []
+    for name in builtin_profile_names():
+        m = get_builtin(name).measurements[0]
+        if await _answers(master, slave, P.ReadRequest(int(m.function), m.address, m.count), timeout, 1):
+            fits.append(name)
+    return tuple(fits)
+
+
+async def read_meter(port: str, slave: int, profile: Profile, *, baudrate: int = 9600, parity: str = "N",
+                     stopbits: int = 1, timeout: float = 0.5, retries: int = 1) -> dict[str, float]:
+    """Every measurement of ``profile`` read once from ``slave``, decoded and scaled."""
+    meter = MeterConfig("read", slave, slave, profile)
+    master = _open(port, baudrate, parity, stopbits)
+    registers: dict[tuple[int, int], bytes] = {}
+    try:
+        for block in plan_meter(meter):
+            request = P.ReadRequest(int(block.function), block.address, block.count)
+            for attempt in range(retries + 1):
+                try:
+                    reply = await master.transact(slave, request, timeout)
+                    break
+                except ExceptionReply:
+                    raise
+                except TransactionError:
+                    if attempt == retries:
+                        raise
+            for i in range(block.count):
+                registers[(int(block.function), block.address + i)] = reply.payload[2 * i:2 * i + 2]
+    finally:
+        master.link.close()
+    values = {}
+    for m in profile.measurements:
+        raw = b"".join(registers[(int(m.function), m.address + i)] for i in range(m.count))
+        values[m.name] = codec.decoder(m.dtype, m.word_order)(raw) * m.scale
+    return values
+
+
+# ------------------------------------------------------------------ points list
+
+def reference(function: int, address: int) -> str:
+    """The 3xxxx/4xxxx register reference integrators use: 1-based, 6 digits above 9999."""
+    base = 3 if function == P.READ_INPUT else 4
+    number = address + 1
+    return f"{base}{number:04d}" if number <= 9999 else f"{base}{number:05d}"
+
+
+def points_rows(config: Config) -> list[dict]:
+    rows = []
+    namespace = config.opcua.namespace
+    for seg in config.segments:
+        for meter in seg.meters:
+            for m in meter.profile.measurements:
+                rows.append({
+                    "meter": meter.name,
+                    "measurement": m.name,
+                    "segment": seg.name,
+                    "slave": meter.slave,
+                    "unit_id": meter.unit,
+                    "function": int(m.function),
+                    "address": m.address,
+                    "reference": reference(int(m.function), m.address),
+                    "registers": m.count,
+                    "type": m.dtype.value,
+                    "word_order": m.word_order.value,
+                    "scale": m.scale,
+                    "unit": m.unit,
+                    "description": m.description,
+                    "nodeid": f"nsu={namespace};s={meter.name}.{m.name}",
+                    "browse_path": f"Objects/Meters/{meter.name}/{m.name}",
+                })
+    return rows

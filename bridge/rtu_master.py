@@ -1,0 +1,120 @@
+"""One Modbus RTU transaction at a time over a SerialLink: the master's side of the line.
+
+Keeps the inter-frame silence, matches the reply to its exact request, fails
+fast once a bad answer is over, holds the line after a timeout so a late reply
+is dropped, and counts every outcome. Used by the segment task and by the
+commissioning commands (scan, read).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import pdu as P
+from . import rtu
+from .diagnostics import LinkCounters
+from .errors import BadReply, ExceptionReply, ReplyTimeout
+from .serial_link import SerialLink
+
+QUIET_GAP = 0.05  # a reply that stopped arriving for this long (and ≥ 2 × t3.5) is over
+
+
+@dataclass(frozen=True)
+class Reply:
+    payload: bytes  # register bytes of a read, the echo PDU of a write
+    stamp: float  # wall-clock time the reply was complete
+    turnaround: float  # seconds from the end of our request to the reply's first byte (estimated)
+
+
+class RtuMaster:
+    def __init__(self, link: SerialLink, baudrate: int, parity: str = "N", stopbits: int = 1, bytesize: int = 8):
+        self.link = link
+        self.char = rtu.char_time(baudrate, parity, stopbits, bytesize)
+        self.silence = rtu.silence(baudrate, parity, stopbits, bytesize)
+        self.quiet_gap = max(QUIET_GAP, 2 * self.silence)
+        self._line_free_at = 0.0  # monotonic time after which the next frame may start
+        self._late_suspect: LinkCounters | None = None  # whose reply may still arrive late
+
+    async def wait_line_free(self) -> None:
+        """Keep the inter-frame silence: not a moment less (a real bus would garble the frame)."""
+        while (wait := self._line_free_at - time.monotonic()) > 0:
+            await asyncio.sleep(wait if wait > 0.002 else 0)  # timers may fire early; finish by yielding
+
+    async def transact(self, slave: int, request: P.Request, timeout: float,
+                       counters: Sequence[LinkCounters] = ()) -> Reply:
+        """One request, no retry. Raises ReplyTimeout, BadReply or ExceptionReply (all counted)."""
+        link = self.link
+        await self.wait_line_free()
+        if link.buffer:  # a reply that came after its request had given up: never use it
+            self._count_late(counters)
+            link.discard_input()
+        self._late_suspect = None
+        adu = rtu.frame(slave, P.encode_request(request))
+        for c in counters:
+            c.requests += 1
+        link.write(adu)
+        sent = time.monotonic()
+        deadline = sent + timeout
+        while True:
+            scan = rtu.find_reply(link.buffer, slave, request)
+            if scan.pdu is not None:
+                break
+            now = time.monotonic()
+            # bytes came but formed no reply, and the line has gone quiet: that answer is over
+            wake = min(deadline, link.last_rx + self.quiet_gap) if link.buffer else deadline
+            if now >= wake:
+                self._fail(slave, request, timeout, counters)
+            try:
+                async with asyncio.timeout(wake - now):
+                    await link.wait_data()
+            except TimeoutError:
+                pass
+        self._line_free_at = link.last_rx + self.silence
+        stamp = time.time()
+        first_byte = link.first_rx - (link.first_rx_len - 1) * self.char
+        turnaround = max(0.0, first_byte - sent - len(adu) * self.char)
+        if scan.skipped:
+            for c in counters:
+                c.stray_bytes += scan.skipped
+        del link.buffer[: scan.end]
+        try:
+            payload = P.check_response(request, scan.pdu)
+        except ExceptionReply:
+            for c in counters:
+                c.exceptions += 1
+            raise
+        except BadReply as exc:
+            for c in counters:
+                c.count_fault(exc.kind)
+            raise
+        for c in counters:
+            c.good += 1
+        return Reply(payload, stamp, turnaround)
+
+    def _count_late(self, counters: Sequence[LinkCounters]) -> None:
+        """A late reply counts for the line (the first counters) and for whoever timed out."""
+        targets = list(counters[:1])
+        whose = self._late_suspect or (counters[-1] if counters else None)
+        if whose is not None and all(whose is not t for t in targets):
+            targets.append(whose)
+        for c in targets:
+            c.late_replies += 1
+
+    def _fail(self, slave: int, request: P.Request, timeout: float, counters: Sequence[LinkCounters]) -> None:
+        """Classify a transaction that produced no usable reply, count it, and raise."""
+        link = self.link
+        nothing = not link.buffer
+        kind = rtu.classify_failure(link.buffer, slave, request)
+        for c in counters:
+            c.count_fault(kind)
+        link.discard_input()
+        if nothing:
+            # The reply may still be on its way: hold the line for the longest possible one,
+            # so it is dropped rather than taken for the answer to the next request.
+            self._line_free_at = time.monotonic() + rtu.max_reply_length(request) * self.char + self.silence
+            self._late_suspect = counters[-1] if counters else None
+            raise ReplyTimeout(f"slave {slave}: no reply within {timeout:g} s")
+        self._line_free_at = time.monotonic() + self.silence
+        raise BadReply(kind, f"slave {slave}: {kind.replace('_', ' ')} reply")
