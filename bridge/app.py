@@ -30,6 +30,8 @@ class App:
     def __init__(self, config: Config, link_factory: LinkFactory = open_link):
         self.config = config
         self.image = RegisterImage(config.meters)
+        if config.modbus_tcp.consolidated is not None:
+            self.image.add_consolidated(config.modbus_tcp.consolidated)
         self.segments = [Segment(s, self.image, link_factory) for s in config.segments]
         self._segment_of = {m.unit: seg for seg in self.segments for m in seg.cfg.meters}
         self.modbus: ModbusTcpServer | None = None

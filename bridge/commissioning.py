@@ -145,4 +145,13 @@ def points_rows(config: Config) -> list[dict]:
                     "nodeid": f"nsu={namespace};s={meter.name}.{m.name}",
                     "browse_path": f"Objects/Meters/{meter.name}/{m.name}",
                 })
+    cmap = config.modbus_tcp.consolidated
+    if cmap is not None:  # the same values again, as scaled float32 under the consolidated unit
+        for k, meter in enumerate(config.meters):
+            for j, m in enumerate(meter.profile.measurements):
+                address = cmap.base + k * cmap.stride + 2 * j
+                rows.append({**next(r for r in rows if r["meter"] == meter.name and r["measurement"] == m.name),
+                             "segment": "(consolidated)", "unit_id": cmap.unit, "function": P.READ_INPUT,
+                             "address": address, "reference": reference(P.READ_INPUT, address), "registers": 2,
+                             "type": "float32", "word_order": "big", "scale": 1.0})
     return rows

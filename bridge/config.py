@@ -18,6 +18,7 @@ from .codec import Function
 from .errors import ConfigError, ConfigIssue
 from .model import (
     Config,
+    ConsolidatedMap,
     HttpConfig,
     MeterConfig,
     ModbusTcpConfig,
@@ -109,6 +110,12 @@ def _network(value: Any) -> str:
         raise Invalid(hint) from None
 
 
+CONSOLIDATED_SCHEMA: dict[str, Field] = {
+    "unit": Field(integer(1, 247)),
+    "base": Field(integer(0, 65535), 0),
+    "stride": Field(integer(2, 65535), 100),
+}
+
 MODBUS_TCP_SCHEMA: dict[str, Field] = {
     "enabled": Field(boolean(), True),
     "listen": Field(LISTEN, ("0.0.0.0", 502)),
@@ -117,6 +124,7 @@ MODBUS_TCP_SCHEMA: dict[str, Field] = {
     "frame_timeout": Field(number(gt=0), 5.0),
     "max_pending": Field(integer(1, 1000), 16),
     "allow": Field(list_of(scalar(_network), what="address", non_empty=False), []),
+    "consolidated": Field(record_of(CONSOLIDATED_SCHEMA), None),
 }
 
 SECURITY_MODES = ("None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt")
@@ -318,6 +326,8 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
         ("modbus_tcp", _modbus_tcp), ("opcua", _opcua), ("http", _http)))
     if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http):
         return None
+    if modbus_tcp is not None and modbus_tcp.consolidated is not None:
+        _check_consolidated(modbus_tcp.consolidated, segments, builder.units, v["modbus_tcp"], ctx)
     opcua = opcua or OpcUaConfig()
     # certificate directories are relative to the configuration file, like profile paths
     pki = base_dir / opcua.certificate_dir
@@ -326,6 +336,27 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
     return Config(segments=tuple(segments), stale_after=stale_after,
                   modbus_tcp=modbus_tcp or ModbusTcpConfig(), opcua=opcua,
                   http=http, source=str(ctx.file))
+
+
+def _check_consolidated(cmap: ConsolidatedMap, segments: list[SegmentConfig], units: dict[int, tuple[str, int]],
+                        tcp: Record, ctx: Ctx) -> None:
+    """The consolidated unit must be free, and every meter's values must fit its stride and the table."""
+    rec = tcp.values["consolidated"]
+    here = ctx.child("modbus_tcp").child("consolidated")
+    if cmap.unit in units:
+        meter, line = units[cmap.unit]
+        here.child("unit").report(rec.lines["unit"], f"unit {cmap.unit} is already used by meter '{meter}' "
+                                                         f"(line {line})")
+    meters = [m for seg in segments for m in seg.meters]
+    widest = max((len(m.profile.measurements) for m in meters), default=0)
+    if 2 * widest > cmap.stride:
+        here.child("stride").report(rec.lines["stride"],
+                                    f"stride {cmap.stride} is too small: a meter has {widest} measurements, "
+                                    f"which need {2 * widest} registers")
+    end = cmap.base + len(meters) * cmap.stride
+    if end > 65536:
+        here.child("base").report(rec.lines["base"], f"{len(meters)} meters × stride {cmap.stride} from "
+                                                         f"{cmap.base} run past register 65535")
 
 
 def _section(rec: Record | None | Any, build: Any) -> Any:
@@ -339,6 +370,8 @@ def _modbus_tcp(rec: Record) -> ModbusTcpConfig:
     values = rec.kwargs(MODBUS_TCP_SCHEMA)
     values["host"], values["port"] = values.pop("listen")
     values["allow"] = tuple(values["allow"])
+    if values["consolidated"] is not None:
+        values["consolidated"] = ConsolidatedMap(**values["consolidated"].kwargs(CONSOLIDATED_SCHEMA))
     return ModbusTcpConfig(**values)
 
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import bisect
 import enum
+import math
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .codec import Function
 from .diagnostics import MeterDiagnostics, SegmentDiagnostics
-from .model import MeterConfig
+from .model import ConsolidatedMap, MeterConfig
+from . import codec
 from . import pdu as P
 
 
@@ -121,6 +124,13 @@ class RegisterImage:
             self._units[meter.unit] = UnitImage(meter, tables)
         self._listeners: list[Listener] = []
         self.segments: dict[str, SegmentDiagnostics] = {}  # registered by each segment task
+        self._consolidated: _Consolidated | None = None
+
+    def add_consolidated(self, cmap: ConsolidatedMap) -> None:
+        """Serve every meter's values as float32 under one more unit (meters in configuration order)."""
+        self._consolidated = _Consolidated(cmap, [u.meter for u in self._units.values()])
+        for unit in self._units:
+            self._consolidated.refresh(self, unit)
 
     def register_segment(self, name: str, units: Iterable[int]) -> SegmentDiagnostics:
         """The diagnostics record of a segment, linked to its meters' records."""
@@ -145,6 +155,12 @@ class RegisterImage:
         """Registers for a Modbus TCP read, or PduException with the code SPEC §5 prescribes."""
         u = self._units.get(unit)
         if u is None:
+            c = self._consolidated
+            if c is not None and unit == c.cmap.unit and function in P.READ_FUNCTIONS:
+                data = c.table.read(address, count)  # stale meters' values are NaN, never an error
+                if data is None:
+                    raise P.PduException(function, P.ILLEGAL_DATA_ADDRESS)
+                return data
             raise P.PduException(function, P.GATEWAY_PATH_UNAVAILABLE)
         table = u.tables.get(Function(function))
         data = table.read(address, count) if table is not None else None
@@ -169,6 +185,8 @@ class RegisterImage:
         table = u.tables.get(function)
         changed = table.store(address, data) if table is not None else False
         if changed:
+            if self._consolidated is not None:
+                self._consolidated.refresh(self, unit)
             change = Change(unit, function, address, address + len(data) // 2, timestamp)
             for listener in self._listeners:
                 listener(change, unit, self.health(unit))
@@ -207,5 +225,41 @@ class RegisterImage:
 
     def _notify_health(self, unit: int) -> None:
         health = self.health(unit)
+        if self._consolidated is not None:
+            self._consolidated.refresh(self, unit)
         for listener in self._listeners:
             listener(None, unit, health)
+
+
+_FLOAT32 = struct.Struct(">f")
+_NAN = _FLOAT32.pack(math.nan)
+
+
+class _Consolidated:
+    """The consolidated unit: meter k, measurement j as float32 at base + k * stride + 2 * j."""
+
+    def __init__(self, cmap: ConsolidatedMap, meters: list[MeterConfig]):
+        self.cmap = cmap
+        self.slots: dict[int, tuple[int, list]] = {}  # unit -> (first register, its measurements)
+        intervals = []
+        for k, meter in enumerate(meters):
+            start = cmap.base + k * cmap.stride
+            self.slots[meter.unit] = (start, [(m, codec.decoder(m.dtype, m.word_order))
+                                              for m in meter.profile.measurements])
+            intervals.append((start, start + 2 * len(meter.profile.measurements)))
+        self.table = _Table(_merge(intervals))
+
+    def refresh(self, image: RegisterImage, unit: int) -> None:
+        start, points = self.slots[unit]
+        fresh = image.health(unit) is Health.FRESH
+        data = bytearray()
+        for m, decode in points:
+            if fresh:
+                value = decode(image.value_registers(unit, m.function, m.address, m.count)) * m.scale
+                try:
+                    data += _FLOAT32.pack(value)
+                except OverflowError:  # beyond float32: say so rather than a wrong number
+                    data += _FLOAT32.pack(math.copysign(math.inf, value))
+            else:
+                data += _NAN
+        self.table.store(start, bytes(data))

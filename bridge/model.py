@@ -101,6 +101,16 @@ class SegmentConfig:
 
 
 @dataclass(frozen=True)
+class ConsolidatedMap:
+    """An extra unit serving every meter's measurements as float32: meter k, measurement j at
+    ``base + k * stride + 2 * j`` (meters in configuration order), FC3 and FC4 alike."""
+
+    unit: int
+    base: int = 0
+    stride: int = 100
+
+
+@dataclass(frozen=True)
 class ModbusTcpConfig:
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -110,6 +120,7 @@ class ModbusTcpConfig:
     frame_timeout: float = 5.0  # seconds a started request may take to arrive in full
     max_pending: int = 16  # requests per connection awaiting the bus (writes); more get exception 0x06
     allow: tuple[str, ...] = ()  # client addresses or networks (CIDR) allowed to connect; empty: any
+    consolidated: ConsolidatedMap | None = None  # the whole panel under one unit id
 
 
 @dataclass(frozen=True)

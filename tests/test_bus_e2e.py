@@ -160,3 +160,30 @@ async def test_slow_meter_is_polled_at_its_interval_among_fast_ones():
         times = [t for t, slave, _ in list(log)[start:] if slave == 7]
         polls = times[::2]  # two blocks per poll
         assert 4 <= len(polls) <= 6, len(polls)  # every 0.5 s: neither starved nor over-polled
+
+
+async def test_consolidated_unit_serves_the_whole_panel_as_float32():
+    from bridge.model import ConsolidatedMap
+
+    layout = {"a": [MeterSpec("m1", 1, 11), MeterSpec("m2", 2, 12, profile="eastron-sdm630")],
+              "b": [MeterSpec("m3", 1, 21, silent=True)]}
+    async with running_bridge(layout, modbus_options={"consolidated": ConsolidatedMap(200, base=1000, stride=100)},
+                              stale_after=5.0) as h:
+        h.sims["m1"].set_value("current", 7.25)  # measurement 1 of meter 0
+        h.sims["m2"].set_value("voltage_l3", 233.5)  # measurement 2 of meter 1
+        await h.polls("m1", 2)
+        await h.polls("m2", 2)
+        c = await RawModbusClient.connect(h.modbus_port)
+        try:
+            reply = await c.read(200, 4, 1000, 4)  # meter 0: voltage, current
+            assert codec.decode(codec.bytes_to_registers(reply[6:10]), DataType.FLOAT32) == 7.25
+            reply = await c.read(200, 3, 1100 + 4, 2)  # FC3 works too: meter 1, measurement 2
+            assert f32(reply) == 233.5
+            # the silent meter's slots read as NaN, not as an error that would fail the whole read
+            reply = await c.read(200, 4, 1200, 2)
+            value = f32(reply)
+            assert value != value
+            # outside every slot: illegal data address
+            assert await c.read(200, 4, 1000 + 28, 2) == b"\x84\x02"
+        finally:
+            await c.close()

@@ -109,3 +109,19 @@ async def test_points_formats():
     assert len(rows) == len(table)
     rc, out, _ = await run_cli("points", "-c", "config/example.yaml", "--format", "md")
     assert out.count("## ") == 7 and "| voltage_l1 | 4 | 0 (0x0000) | 30001 |" in out
+
+
+def test_points_list_the_consolidated_unit(tmp_path):
+    from bridge.config import load_config
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "segments:\n  - name: a\n    port: /dev/ttyS0\n    meters:\n"
+        "      - {name: m1, slave: 1, profile: eastron-sdm120}\n"
+        "      - {name: m2, slave: 2, profile: eastron-sdm120}\n"
+        "modbus_tcp:\n  consolidated: {unit: 200, base: 0, stride: 32}\n"
+    )
+    rows = [r for r in points_rows(load_config(path)) if r["unit_id"] == 200]
+    assert len(rows) == 28
+    current_m2 = next(r for r in rows if (r["meter"], r["measurement"]) == ("m2", "current"))
+    assert (current_m2["address"], current_m2["type"], current_m2["function"]) == (32 + 2, "float32", 4)
