@@ -29,11 +29,14 @@ RESTART_PAUSE = 1.0  # seconds before a part that failed unexpectedly is restart
 class App:
     def __init__(self, config: Config, link_factory: LinkFactory = open_link):
         self.config = config
+        self._link_factory = link_factory
         self.image = RegisterImage(config.meters)
         if config.modbus_tcp.consolidated is not None:
             self.image.add_consolidated(config.modbus_tcp.consolidated)
         self.segments = [Segment(s, self.image, link_factory) for s in config.segments]
         self._segment_of = {m.unit: seg for seg in self.segments for m in seg.cfg.meters}
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: dict[object, asyncio.Task] = {}  # segment or "opcua" -> its task
         self.modbus: ModbusTcpServer | None = None
         if config.modbus_tcp.enabled:
             self.modbus = ModbusTcpServer(self.image, self._route_write, config.modbus_tcp)
@@ -54,13 +57,14 @@ class App:
         """
         try:
             async with asyncio.TaskGroup() as tg:
-                segments = [tg.create_task(self._supervised(f"segment {seg.cfg.name}", seg.run))
-                            for seg in self.segments]
+                self._tg = tg
+                for seg in self.segments:
+                    self._start_segment(seg)
                 others = [tg.create_task(self._supervised("staleness sweep", self._sweep))]
                 try:
                     await self._start_servers()
                     if self.opcua is not None:
-                        others.append(tg.create_task(self._supervised("OPC UA writer", self.opcua.run)))
+                        self._tasks["opcua"] = tg.create_task(self._supervised("OPC UA writer", self.opcua.run))
                     # the address space and the profiles live for the whole run: keep them out of
                     # every future garbage collection pass (a full pass over them takes ~1 s)
                     gc.freeze()
@@ -68,16 +72,70 @@ class App:
                     await self._stop.wait()
                 finally:
                     await self._stop_servers()
-                    for seg in self.segments:
-                        seg.request_stop()
-                    if segments:
-                        await asyncio.wait(segments, timeout=STOP_GRACE)
-                    for task in segments + others:
+                    await self._stop_segments(self.segments)
+                    for task in [*self._tasks.values(), *others]:
                         task.cancel()
         except* OSError as group:
             raise BridgeError(f"cannot listen: {group.exceptions[0]}") from None
         except* BridgeError as group:  # e.g. an unusable OPC UA certificate: one line for the user
             raise group.exceptions[0] from None
+
+    def _start_segment(self, seg: Segment) -> None:
+        assert self._tg is not None
+        self._tasks[seg] = self._tg.create_task(self._supervised(f"segment {seg.cfg.name}", seg.run))
+
+    async def _stop_segments(self, segments: list[Segment]) -> None:
+        """Each finishes its transaction in flight (bounded by STOP_GRACE), then is cancelled."""
+        tasks = [self._tasks.pop(seg) for seg in segments if seg in self._tasks]
+        for seg in segments:
+            seg.request_stop()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_GRACE)
+        for task in tasks:
+            task.cancel()
+
+    async def reload(self, config: Config) -> None:
+        """Apply a new, already validated configuration without a restart.
+
+        Segments whose configuration is unchanged keep running, and so do their meters' image
+        and every Modbus TCP connection; changed segments are stopped and started anew; the
+        OPC UA address space is rebuilt when meters or OPC UA settings changed.
+        """
+        old = self.config
+        wanted = {s.name: s for s in config.segments}
+        kept = {seg.cfg.name: seg for seg in self.segments if wanted.get(seg.cfg.name) == seg.cfg}
+        await self._stop_segments([seg for seg in self.segments if seg.cfg.name not in kept])
+        for name in set(self.image.segments) - set(kept):
+            del self.image.segments[name]
+        self.image.reconfigure(config.meters, config.modbus_tcp.consolidated)
+        self.segments = [kept.get(c.name) or Segment(c, self.image, self._link_factory) for c in config.segments]
+        for seg in self.segments:
+            if seg.cfg.name not in kept:
+                self._start_segment(seg)
+        self._segment_of = {m.unit: seg for seg in self.segments for m in seg.cfg.meters}
+        if self.modbus is not None:
+            if (old.modbus_tcp.host, old.modbus_tcp.port) != (config.modbus_tcp.host, config.modbus_tcp.port):
+                log.warning("reload: modbus_tcp.listen changed; restart the bridge to listen there")
+            self.modbus.reconfigure(config.modbus_tcp)
+        if old.opcua != config.opcua or old.meters != config.meters:
+            await self._restart_opcua(config)
+        self.config = config
+        log.info("reload: %d segment(s) kept, %d (re)started", len(kept), len(self.segments) - len(kept))
+
+    async def _restart_opcua(self, config: Config) -> None:
+        task = self._tasks.pop("opcua", None)
+        if task is not None:
+            task.cancel()
+        if self.opcua is not None:
+            self.image.unsubscribe(self.opcua.listener)
+            await self.opcua.stop()
+            self.opcua = None
+        if config.opcua.enabled:
+            self.opcua = OpcUaServer(config.opcua, config, self.image)
+            await self.opcua.start()
+            assert self._tg is not None
+            self._tasks["opcua"] = self._tg.create_task(self._supervised("OPC UA writer", self.opcua.run))
+            gc.freeze()
 
     @staticmethod
     async def _supervised(name: str, work: Callable[[], Awaitable[None]]) -> None:

@@ -19,6 +19,7 @@ from .errors import BridgeError, ConfigError
 from .profiles import UnknownProfile
 
 PROG = "modbus-bridge"
+log = logging.getLogger("bridge.cli")
 STOP_TIMEOUT = 4.5  # seconds a stop may take before the rest is cancelled (SIGTERM: exit within 5 s)
 
 
@@ -32,6 +33,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Modbus RTU meters served over Modbus TCP and OPC UA.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="human", choices=["human", "json"],
+                   help="human-readable lines (default) or one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the bridge from a configuration file")
@@ -101,9 +104,10 @@ def _slave_set(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if args.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
     # asyncua narrates every session at INFO; an appliance log wants our state changes, not that
     logging.getLogger("asyncua").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
@@ -123,6 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `modbus-bridge points ... | head`: the reader left, nothing to say
         sys.stderr.close()
         return 0
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def _serve(make: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -165,6 +184,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve(stop: asyncio.Event) -> None:
         app = App(config)
+        lock = asyncio.Lock()
+        reloads: set[asyncio.Task] = set()
+
+        async def reload() -> None:
+            async with lock:  # one reload at a time, in the order the signals came
+                try:
+                    new = load_config(args.config)
+                except ConfigError as exc:
+                    for issue in exc.issues:
+                        log.error("reload refused, the running configuration stays: %s", issue)
+                    return
+                except BridgeError as exc:
+                    log.error("reload refused, the running configuration stays: %s", exc)
+                    return
+                await app.reload(new)
+
+        def on_hangup() -> None:
+            task = asyncio.get_running_loop().create_task(reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hangup)
         runner = asyncio.create_task(app.run())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -115,16 +115,32 @@ def served_intervals(meter: MeterConfig) -> dict[Function, list[tuple[int, int]]
     return {fn: _merge(iv) for fn, iv in raw.items()}
 
 
+def _new_unit(meter: MeterConfig) -> UnitImage:
+    return UnitImage(meter, {fn: _Table(iv) for fn, iv in served_intervals(meter).items()})
+
+
 class RegisterImage:
     def __init__(self, meters: Iterable[MeterConfig], clock: Callable[[], float] = time.monotonic):
         self._clock = clock
-        self._units: dict[int, UnitImage] = {}
-        for meter in meters:
-            tables = {fn: _Table(iv) for fn, iv in served_intervals(meter).items()}
-            self._units[meter.unit] = UnitImage(meter, tables)
+        self._units: dict[int, UnitImage] = {meter.unit: _new_unit(meter) for meter in meters}
         self._listeners: list[Listener] = []
         self.segments: dict[str, SegmentDiagnostics] = {}  # registered by each segment task
         self._consolidated: _Consolidated | None = None
+
+    def reconfigure(self, meters: Iterable[MeterConfig], consolidated: ConsolidatedMap | None = None) -> None:
+        """A new configuration: units whose meter is unchanged keep their registers, time and health;
+        new or changed meters start unread; removed ones are gone."""
+        units = {}
+        for meter in meters:
+            old = self._units.get(meter.unit)
+            units[meter.unit] = old if old is not None and old.meter == meter else _new_unit(meter)
+        self._units = units
+        self._consolidated = None
+        if consolidated is not None:
+            self.add_consolidated(consolidated)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
 
     def add_consolidated(self, cmap: ConsolidatedMap) -> None:
         """Serve every meter's values as float32 under one more unit (meters in configuration order)."""

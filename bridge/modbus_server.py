@@ -49,6 +49,11 @@ class ModbusTcpServer:
                       "closed_slow": 0}
         self.exceptions: dict[int, int] = {}  # exception code -> count
 
+    def reconfigure(self, cfg: ModbusTcpConfig) -> None:
+        """New limits and allowlist for new connections and requests (the listener stays as it is)."""
+        self.cfg = cfg
+        self._allow = [ipaddress.ip_network(n) for n in cfg.allow]
+
     async def start(self, host: str | None = None, port: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         host = self.cfg.host if host is None else host

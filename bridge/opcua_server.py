@@ -149,7 +149,7 @@ class OpcUaServer:
         await configure_security(server, self.cfg)
         self.ns = await server.register_namespace(self.cfg.namespace)
         self._build(NodeBuilder(server.iserver.aspace, self.ns))
-        self.image.subscribe(self._on_image)
+        self.image.subscribe(self.listener)
         for unit in self._points:
             self._dirty[unit] = None
         self.build_seconds = time.perf_counter() - t0
@@ -231,7 +231,7 @@ class OpcUaServer:
         self._points[meter.unit] = points
 
     # ------------------------------------------------------------- updates
-    def _on_image(self, change: Change | None, unit: int, health: Health) -> None:
+    def listener(self, change: Change | None, unit: int, health: Health) -> None:
         """Image listener: remember what to refresh; the writer task does the work."""
         if unit not in self._points:
             return

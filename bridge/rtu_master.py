@@ -39,8 +39,10 @@ class RtuMaster:
 
     async def wait_line_free(self) -> None:
         """Keep the inter-frame silence: not a moment less (a real bus would garble the frame)."""
+        # Timers round to the millisecond (uvloop) and may fire early or late: sleep to a
+        # millisecond short of the moment, then finish by yielding.
         while (wait := self._line_free_at - time.monotonic()) > 0:
-            await asyncio.sleep(wait if wait > 0.002 else 0)  # timers may fire early; finish by yielding
+            await asyncio.sleep(wait - 0.001 if wait > 0.0015 else 0)
 
     async def transact(self, slave: int, request: P.Request, timeout: float,
                        counters: Sequence[LinkCounters] = ()) -> Reply:
@@ -62,8 +64,11 @@ class RtuMaster:
             if scan.pdu is not None:
                 break
             now = time.monotonic()
-            # bytes came but formed no reply, and the line has gone quiet: that answer is over
-            wake = min(deadline, link.last_rx + self.quiet_gap) if link.buffer else deadline
+            # bytes came but formed no reply, and the line has gone quiet: that answer is over.
+            # A whole frame of the awaited length with a bad CRC is over after two silences;
+            # anything else gets the longer gap that covers USB adapters' latency timers.
+            gap = 2 * self.silence if scan.crc_errors and not scan.pending else self.quiet_gap
+            wake = min(deadline, link.last_rx + gap) if link.buffer else deadline
             if now >= wake:
                 self._fail(slave, request, timeout, counters)
             try:
@@ -73,7 +78,7 @@ class RtuMaster:
                 pass
         self._line_free_at = link.last_rx + self.silence
         stamp = time.time()
-        first_byte = link.first_rx - (link.first_rx_len - 1) * self.char
+        first_byte = link.first_rx - link.first_rx_len * self.char  # when the first chunk began arriving
         turnaround = max(0.0, first_byte - sent - len(adu) * self.char)
         if scan.skipped:
             for c in counters:

@@ -171,7 +171,8 @@ class Segment:
             # start-to-start interval; an overrun is not caught up in a burst
             state.next_due = max(state.next_due + interval, now)
             polled.add(state.meter.unit)
-            if len(polled) == len(self.meters):
+            # a round is every meter that is not demoted (a demoted one would stretch it to 10 s)
+            if all(u in polled or s.diag.demoted for u, s in self.meters.items()):
                 self.diag.cycle_time = now - round_start
                 round_start, polled = now, set()
                 self.tried_all.set()
