@@ -52,7 +52,7 @@ class SimMeter:
         self.animate = animate
         self.faults = Faults()
         self.requests = 0
-        self.functions: list[int] = []  # function code of every request received, in order
+        self.functions: deque[int] = deque(maxlen=10000)  # function codes of the latest requests, in order
         self.tables: dict[Function, dict[int, int]] = {Function.HOLDING: {}, Function.INPUT: {}}
         self._defined: dict[Function, set[int]] = {Function.HOLDING: set(), Function.INPUT: set()}
         for m in profile.measurements:
