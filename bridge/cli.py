@@ -19,7 +19,6 @@ from .errors import BridgeError, ConfigError
 from .profiles import UnknownProfile
 
 PROG = "modbus-bridge"
-log = logging.getLogger("bridge.cli")
 STOP_TIMEOUT = 4.5  # seconds a stop may take before the rest is cancelled (SIGTERM: exit within 5 s)
 
 
@@ -177,43 +176,11 @@ def _run_loop(coro: Awaitable[None]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .app import App
     from .config import load_config
+    from .service import serve
 
     config = load_config(args.config)
-
-    async def serve(stop: asyncio.Event) -> None:
-        app = App(config)
-        lock = asyncio.Lock()
-        reloads: set[asyncio.Task] = set()
-
-        async def reload() -> None:
-            async with lock:  # one reload at a time, in the order the signals came
-                try:
-                    new = load_config(args.config)
-                except ConfigError as exc:
-                    for issue in exc.issues:
-                        log.error("reload refused, the running configuration stays: %s", issue)
-                    return
-                except BridgeError as exc:
-                    log.error("reload refused, the running configuration stays: %s", exc)
-                    return
-                await app.reload(new)
-
-        def on_hangup() -> None:
-            task = asyncio.get_running_loop().create_task(reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hangup)
-        runner = asyncio.create_task(app.run())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        app.stop()
-        stopper.cancel()
-        await runner
-
-    return _serve(serve)
+    return _serve(lambda stop: serve(args.config, config, stop))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -102,3 +102,48 @@ async def test_sighup_applies_a_new_configuration_and_keeps_clients(tmp_path):
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_run_speaks_sd_notify(tmp_path):
+    """Under systemd (Type=notify, WatchdogSec): READY, watchdog pings, RELOADING/READY, STOPPING."""
+    import os
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def message(timeout: float = 10.0) -> str:
+        async with asyncio.timeout(timeout):
+            return (await loop.sock_recv(sock, 4096)).decode()
+
+    bus = SimulatedBus([SimMeter(1, get_builtin("eastron-sdm120")), SimMeter(2, get_builtin("eastron-sdm120"))])
+    path = tmp_path / "bridge.yaml"
+    async with bus:
+        other = SimulatedBus([])
+        async with other:
+            path.write_text(config(bus.path, other.path, M2.replace("slave: 2", "slave: 9")))
+            env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"}
+            proc = await asyncio.create_subprocess_exec(*BRIDGE, "run", "-c", str(path), env=env,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            try:
+                ready = await message()
+                assert "READY=1" in ready.splitlines() and "STATUS=serving 2 meters on 2 segments" in ready
+                assert await message(2) == "WATCHDOG=1"
+                proc.send_signal(signal.SIGHUP)
+                while "RELOADING=1" not in (got := await message()):
+                    assert got == "WATCHDOG=1"
+                assert any(line.startswith("MONOTONIC_USEC=") for line in got.splitlines())
+                while "READY=1" not in (got := await message()):
+                    assert got == "WATCHDOG=1"
+                proc.send_signal(signal.SIGTERM)
+                while (got := await message()) != "STOPPING=1":
+                    assert got == "WATCHDOG=1"
+                async with asyncio.timeout(5):
+                    assert await proc.wait() == 0
+            finally:
+                sock.close()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
