@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 
 NODE_CLIENT := tests/opcua_node_client
 
-# Independent peers the tests talk to: libmodbus's mbpoll (Debian; CI runs as root) and
-# node-opcua (npm), so our servers are checked by clients that share no code with us.
+# Independent peers the tests talk to: libmodbus's mbpoll and a headless Chromium (Debian; CI
+# runs as root) and node-opcua (npm), so our servers are checked by clients that share no code.
 tools: $(NODE_CLIENT)/node_modules/.installed
-	@command -v mbpoll >/dev/null || { apt-get update -qq && apt-get install -y -qq mbpoll >/dev/null; }
+	@command -v mbpoll >/dev/null && command -v chromium >/dev/null || { \
+	  apt-get update -qq && apt-get install -y -qq mbpoll chromium >/dev/null; }
 
 $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package-lock.json
 	npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund --loglevel=error

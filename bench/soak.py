@@ -258,7 +258,8 @@ class Bridge:
         while self.opcua_port == self.modbus_port:
             self.opcua_port = free_port()
         self.argv = [sys.executable, "-m", "bridge", "demo",
-                     "--modbus-port", str(self.modbus_port), "--opcua-port", str(self.opcua_port)]
+                     "--modbus-port", str(self.modbus_port), "--opcua-port", str(self.opcua_port),
+                     "--http-port", str(free_port())]
         self.stdout = tempfile.NamedTemporaryFile(prefix="soak-bridge-", suffix=".out")
         self.stderr = tempfile.NamedTemporaryFile(prefix="soak-bridge-", suffix=".log")
         preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None

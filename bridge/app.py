@@ -15,6 +15,7 @@ from . import pdu as P
 from .errors import BridgeError
 from .image import RegisterImage
 from .model import Config
+from .http_server import HttpServer
 from .modbus_server import ModbusTcpServer
 from .opcua_server import OpcUaServer
 from .segment import LinkFactory, Segment, open_link
@@ -43,6 +44,9 @@ class App:
         self.opcua: OpcUaServer | None = None
         if config.opcua.enabled:
             self.opcua = OpcUaServer(config.opcua, config, self.image)
+        self.http: HttpServer | None = None
+        if config.http is not None:
+            self.http = HttpServer(config.http, self)
         self.listening = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -160,8 +164,13 @@ class App:
             log.info("Modbus TCP listening on %s:%d", self.config.modbus_tcp.host, self.modbus.port)
         if self.opcua is not None:
             await self.opcua.start()
+        if self.http is not None:
+            await self.http.start()
+            log.info("HTTP listening on %s:%d", self.config.http.host, self.http.port)
 
     async def _stop_servers(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         if self.modbus is not None:
             await self.modbus.stop()
         if self.opcua is not None:

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="simulated meters on virtual serial ports, and the bridge on them")
     demo.add_argument("--modbus-port", type=int, default=5020)
     demo.add_argument("--opcua-port", type=int, default=4840)
+    demo.add_argument("--http-port", type=int, default=8080, help="status page, metrics and health")
 
     scan = sub.add_parser("scan", help="find which slave addresses answer on a bus (commissioning)")
     scan.add_argument("--port", required=True, metavar="DEV")
@@ -193,7 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return _serve(lambda stop: run_demo(args.modbus_port, args.opcua_port, stop))
+    return _serve(lambda stop: run_demo(args.modbus_port, args.opcua_port, stop, args.http_port))
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ DEMO_LAYOUT = {
 }
 
 
-def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, host: str = "127.0.0.1") -> str:
+def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, http_port: int = 8080,
+                     host: str = "127.0.0.1") -> str:
     lines = ["# written by `modbus-bridge demo`: simulated meters on pseudo-terminals", "segments:"]
     for segment, meters in DEMO_LAYOUT.items():
         lines += [f"  - name: {segment}", f"    port: {ports[segment]}", "    baudrate: 9600", "    meters:"]
@@ -43,6 +44,8 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
         "opcua:",
         f"  endpoint: opc.tcp://{host}:{opcua_port}/bridge",
         "  security: [None]  # the demo only: a real installation signs and encrypts",
+        "http:",
+        f"  listen: {host}:{http_port}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -54,6 +57,7 @@ def banner(app: App, config_path: Path) -> str:
         f"  configuration: {config_path}",
         f"  Modbus TCP:    127.0.0.1:{port}",
         f"  OPC UA:        {app.config.opcua.endpoint}  (namespace {app.config.opcua.namespace}, no security)",
+        f"  status page:   http://127.0.0.1:{app.http.port}/   (also /metrics, /healthz, /readyz)",
         "  meters:",
     ]
     for seg in app.config.segments:
@@ -70,7 +74,8 @@ def banner(app: App, config_path: Path) -> str:
     return "\n".join(rows)
 
 
-async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None = None) -> None:
+async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None = None,
+                   http_port: int = 8080) -> None:
     """Run until ``stop`` is set (or cancelled)."""
     buses = {
         segment: SimulatedBus([SimMeter(slave, get_builtin(profile)) for _, slave, _, profile in meters])
@@ -80,7 +85,7 @@ async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None
     try:
         with tempfile.TemporaryDirectory(prefix="modbus-bridge-demo-") as tmp:
             path = Path(tmp) / "demo.yaml"
-            path.write_text(demo_config_text(ports, modbus_port, opcua_port))
+            path.write_text(demo_config_text(ports, modbus_port, opcua_port, http_port))
             app = App(load_config(path))
             runner = asyncio.create_task(app.run())
             listening = asyncio.create_task(app.listening.wait())

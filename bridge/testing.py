@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from . import mbap
 from .app import App
 from .codec import Function
-from .model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, RegisterRange, SegmentConfig
+from .model import Config, HttpConfig, MeterConfig, ModbusTcpConfig, OpcUaConfig, RegisterRange, SegmentConfig
 from .profiles import get_builtin
 from .simulator import SimMeter, SimulatedBus
 
@@ -75,6 +75,7 @@ async def running_bridge(
     bus_options: dict | None = None,
     modbus_options: dict | None = None,
     opcua_options: dict | None = None,
+    http: bool = False,
     **segment_options,
 ) -> AsyncIterator[Harness]:
     """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port
@@ -111,6 +112,7 @@ async def running_bridge(
         modbus_tcp=replace(ModbusTcpConfig(host="127.0.0.1", port=0), **(modbus_options or {})),
         opcua=replace(OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge",
                                   namespace=namespace, security=("None",)), **(opcua_options or {})),
+        http=HttpConfig("127.0.0.1", 0) if http else None,
     )
     app = App(config)
     runner = asyncio.create_task(app.run())

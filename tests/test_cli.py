@@ -78,7 +78,7 @@ def test_demo_is_read_by_mbpoll():
     assert mbpoll, "mbpoll is installed by `make test` (Debian package mbpoll)"
     port = free_port()
     proc = subprocess.Popen(
-        [*BRIDGE, "demo", "--modbus-port", str(port), "--opcua-port", str(free_port())],
+        [*BRIDGE, "demo", "--modbus-port", str(port), "--opcua-port", str(free_port()), "--http-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
