@@ -152,8 +152,10 @@ class BridgeCollector:
         conns.add_metric([], len(server.connections))
         accepted = CounterMetricFamily(f"{n}_connections_accepted", "Modbus TCP connections accepted")
         accepted.add_metric([], stats.get("connections", 0))
-        requests = CounterMetricFamily(f"{n}_requests", "Modbus TCP requests received")
-        requests.add_metric([], stats.get("requests", 0))
+        requests = CounterMetricFamily(f"{n}_requests", "Modbus TCP requests received, by function code",
+                                       labels=["function"])
+        for function, count in sorted(server.functions.items()):
+            requests.add_metric([str(function)], count)
         exceptions = CounterMetricFamily(f"{n}_exceptions", "Modbus exception replies sent, by exception code",
                                          labels=["code"])
         for code, count in sorted(server.exceptions.items()):

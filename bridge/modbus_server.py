@@ -48,6 +48,7 @@ class ModbusTcpServer:
         self.stats = {"requests": 0, "connections": 0, "refused": 0, "closed_bad_frame": 0, "closed_idle": 0,
                       "closed_slow": 0}
         self.exceptions: dict[int, int] = {}  # exception code -> count
+        self.functions: dict[int, int] = {}  # function code -> requests
 
     def reconfigure(self, cfg: ModbusTcpConfig) -> None:
         """New limits and allowlist for new connections and requests (the listener stays as it is)."""
@@ -106,6 +107,8 @@ class ModbusTcpServer:
     def answer_now(self, unit: int, pdu: bytes, pending: int = 0) -> bytes | P.WriteRequest:
         """The response PDU for a request, or the parsed write to carry to the bus."""
         self.stats["requests"] += 1
+        function = pdu[0] if pdu else 0
+        self.functions[function] = self.functions.get(function, 0) + 1
         try:
             request = P.parse_request(pdu)
             if unit in BROADCAST_UNITS:  # a gateway never fans a request out to every meter
