@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from . import pdu as P
 from . import rtu
 from .codec import Function
-from .diagnostics import LinkCounters, MeterDiagnostics
+from .diagnostics import MeterDiagnostics
 from .errors import BadReply, ExceptionReply, PortError, ReplyTimeout, TransactionError
 from .image import RegisterImage
 from .model import MeterConfig, SegmentConfig
@@ -50,10 +50,6 @@ class MeterState:
     next_due: float = 0.0
     failures: int = 0  # consecutive failed polls
 
-    @property
-    def counters(self) -> MeterDiagnostics:
-        return self.diag
-
 
 @dataclass
 class _Write:
@@ -78,23 +74,6 @@ class Segment:
         self._master: RtuMaster | None = None  # per open port
         self._stopping = False
         self.tried_all = asyncio.Event()  # every meter polled at least once (readiness)
-
-    # compatibility views for readers of the old attributes
-    @property
-    def counters(self) -> LinkCounters:
-        return self.diag
-
-    @property
-    def port_ok(self) -> bool:
-        return self.diag.port_open
-
-    @property
-    def cycle_time(self) -> float:
-        return self.diag.cycle_time
-
-    @property
-    def busy_time(self) -> float:
-        return self.diag.busy_time
 
     # ------------------------------------------------------------ public API
     async def submit_write(self, unit: int, request: P.WriteRequest) -> bytes:

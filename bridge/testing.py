@@ -57,9 +57,9 @@ class Harness:
         unit = self.meters[meter].unit
         seg = next(s for s in self.app.segments if unit in s.meters)
         state = seg.meters[unit]
-        target = state.counters.good + n * len(state.blocks)
+        target = state.diag.good + n * len(state.blocks)
         async with asyncio.timeout(timeout):
-            while state.counters.good < target:
+            while state.diag.good < target:
                 await asyncio.sleep(0.005)
 
 

@@ -257,7 +257,7 @@ async def test_reply_not_matching_its_request_is_never_stored():
         await asyncio.sleep(0.4)
         sim.faults.late, sim.faults.late_by = 2, 0.1
         await asyncio.sleep(0.6)
-        counters = h.segment("s").counters
+        counters = h.segment("s").diag
         # each kind of bad answer is recognised and counted as what it is
         assert (counters.wrong_slave, counters.crc_errors, counters.truncated) == (2, 2, 2)
         assert counters.timeouts == 2 and counters.late_replies >= 1
@@ -278,8 +278,8 @@ async def test_retries_and_timeout_are_honoured():
         await h.polls("m", 1)
         h.sims["m"].faults.corrupt = 1
         await h.polls("m", 2)
-        assert h.segment("s").meters[11].counters.retries >= 1
-        assert h.segment("s").meters[11].counters.crc_errors == 1
+        assert h.segment("s").meters[11].diag.retries >= 1
+        assert h.segment("s").meters[11].diag.crc_errors == 1
         assert h.app.image.health(11).value == "fresh"
         # a silent meter is asked exactly retries + 1 times per failed poll; after 3 failed polls it
         # is offline and left alone for 10 s, so the count is exact
@@ -294,5 +294,5 @@ async def test_retries_and_timeout_are_honoured():
         await asyncio.sleep(0.3)
         asked = [fc for _, slave, fc in list(log)[start:] if slave == 2]
         assert len(asked) == 3 * 3, asked
-        assert dead.counters.timeouts == 9
+        assert dead.diag.timeouts == 9
         assert h.app.image.health(12).value == "offline"

@@ -827,15 +827,15 @@ async def test_segment_that_raises_is_logged_and_restarted_others_unaffected(mon
 
         monkeypatch.setattr(seg, "_poll", poll_failing_once)
         await until(lambda: failed_at, 2.0, "the injected failure never ran")
-        b_good = h.segment("b").meters[21].counters.good
-        a_good = seg.meters[11].counters.good
+        b_good = h.segment("b").meters[21].diag.good
+        a_good = seg.meters[11].diag.good
         h.sims["a1"].set_value("voltage", 222.0)
         await h.polls("a1", 1, timeout=RESTART_PAUSE_BOUND)
         restarted_after = time.monotonic() - failed_at[0]
         assert restarted_after >= app_module.RESTART_PAUSE * 0.9, f"restarted after {restarted_after:.2f} s"
         # the other segment kept polling throughout
-        assert h.segment("b").meters[21].counters.good - b_good >= 5
-        assert seg.meters[11].counters.good > a_good
+        assert h.segment("b").meters[21].diag.good - b_good >= 5
+        assert seg.meters[11].diag.good > a_good
         records = [r for r in caplog.records if r.name == "bridge.app" and r.levelno >= logging.ERROR]
         assert len(records) == 1, [r.getMessage() for r in records]
         assert "segment a" in records[0].getMessage() and "restarting" in records[0].getMessage()
