@@ -33,6 +33,7 @@ from .units import CEFACT_NAMESPACE, unit_for
 log = logging.getLogger("bridge.opcua")
 
 YIELD_EVERY = 200  # value writes between two yields to the event loop
+COALESCE = 0.02  # seconds the writer waits after a change before writing, gathering a poll's blocks
 DIAGNOSTICS_PERIOD = 1.0  # seconds between refreshes of counters and online flags
 
 _DT = ua.ObjectIds
@@ -174,6 +175,9 @@ class OpcUaServer:
                         await self._wake.wait()
                 except TimeoutError:
                     pass
+            if self._dirty:
+                # let the rest of a poll's blocks land, so each value is written once per poll
+                await asyncio.sleep(COALESCE)
             self._wake.clear()
             await self._flush()
             if loop.time() >= next_diag:

@@ -8,6 +8,7 @@ commissioning commands (scan, read).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,10 +40,10 @@ class RtuMaster:
 
     async def wait_line_free(self) -> None:
         """Keep the inter-frame silence: not a moment less (a real bus would garble the frame)."""
-        # Timers round to the millisecond (uvloop) and may fire early or late: sleep to a
-        # millisecond short of the moment, then finish by yielding.
+        # uvloop's timers round to the millisecond, so a sleep may end early: ask for whole
+        # milliseconds rounded up (at most ~1 ms late), and check again in case it still was.
         while (wait := self._line_free_at - time.monotonic()) > 0:
-            await asyncio.sleep(wait - 0.001 if wait > 0.0015 else 0)
+            await asyncio.sleep(math.ceil(wait * 1000) / 1000)
 
     async def transact(self, slave: int, request: P.Request, timeout: float,
                        counters: Sequence[LinkCounters] = ()) -> Reply:
