@@ -219,7 +219,7 @@ def build_config(meters: int):
                                      poll_interval=1.0, stale_after=STALE_AFTER) for u in units),
         ))
     return Config(tuple(segments), modbus_tcp=ModbusTcpConfig(host=HOST, port=0),
-                  opcua=OpcUaConfig(endpoint=f"opc.tcp://{HOST}:0/bridge", namespace=NAMESPACE))
+                  opcua=OpcUaConfig(endpoint=f"opc.tcp://{HOST}:0/bridge", namespace=NAMESPACE, security=("None",)))
 
 
 class Feeder:
@@ -348,7 +348,8 @@ async def _serve(args) -> None:
     modbus = ModbusTcpServer(image)
     await modbus.start(HOST, 0)
     opcua_port = args.opcua_port
-    cfg = OpcUaConfig(endpoint=f"opc.tcp://{HOST}:{opcua_port}/bridge", namespace=NAMESPACE)
+    cfg = OpcUaConfig(endpoint=f"opc.tcp://{HOST}:{opcua_port}/bridge", namespace=NAMESPACE,
+                      security=("None",))  # the benchmark client connects without security
     opcua = OpcUaServer(cfg, config, image)
     t = time.perf_counter()
     await opcua.start()
@@ -457,7 +458,7 @@ async def _serve(args) -> None:
         "publishes": publishes,
         "gc_passes": gc_passes,
         "gc_frozen": gc.get_freeze_count(),
-        "modbus_requests": modbus.requests,
+        "modbus_requests": modbus.stats["requests"],
         "gc_counts": gc.get_count(),
         "gc_stats": gc.get_stats(),
     })
