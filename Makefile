@@ -18,7 +18,7 @@ NODE_CLIENT := tests/opcua_node_client
 # runs as root) and node-opcua (npm), so our servers are checked by clients that share no code.
 tools: $(NODE_CLIENT)/node_modules/.installed
 	@command -v mbpoll >/dev/null && command -v chromium >/dev/null || { \
-	  apt-get update -qq && apt-get install -y -qq mbpoll chromium >/dev/null; }
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mbpoll chromium >/dev/null; }
 
 $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package-lock.json
 	npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund --loglevel=error
