@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -60,8 +59,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+from benchlib import (
+    OtherCpu,
+    dist_version,
+    fmt,
+    free_port,
+    git_describe,
+    mib,
+    new_uvloop,
+    proc_cpu_seconds,
+    user_process_ticks,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -80,12 +89,6 @@ TARGET_CPU_PCT = 25.0  # "under 25 % of one core": mean over the window
 WIRE_BOUND_9600_S = 0.1749  # bench/bus.py: one SDM120 poll (3 blocks) at 9600 8N1, 5 ms turnaround
 
 
-def _new_loop():
-    import uvloop
-
-    return uvloop.new_event_loop()
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -100,7 +103,7 @@ def unit_of(seg: int, slave: int, n_meters: int) -> int:
 
 # ====================================================================== simulator process
 def simulate_main(n_segments: int, n_meters: int, emulate_wire: bool, baudrate: int, turnaround: float) -> None:
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_uvloop) as runner:
         runner.run(_simulate(n_segments, n_meters, emulate_wire, baudrate, turnaround))
 
 
@@ -250,20 +253,6 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def proc_cpu_seconds(pid: int | str = "self") -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 class Bridge:
     """``python -m bridge run -c CONFIG``: started, waited for, sampled, stopped with SIGTERM."""
 
@@ -326,56 +315,6 @@ class Bridge:
 
 
 # ====================================================================== other processes' CPU
-def user_process_ticks() -> dict[int, int]:
-    """CPU ticks (user + system) of every user-space process, by pid (Linux /proc)."""
-    ticks = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[6]) & 0x00200000:  # PF_KTHREAD
-            continue
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def _stat_ticks() -> tuple[int, int]:
-    """Machine-wide (user + nice, steal) ticks from /proc/stat."""
-    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return int(f[1]) + int(f[2]), int(f[8])
-
-
-def _user_ticks(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11])
-    except OSError:
-        return 0
-
-
-class OtherCpu:
-    """CPU used by other processes between two snapshots, and time stolen by the hypervisor."""
-
-    def __init__(self, ours: set[int]):
-        self.ours = ours
-        self.before = user_process_ticks()
-        self.stat = _stat_ticks()
-        self.our_user = sum(_user_ticks(p) for p in ours)
-        self.t0 = time.monotonic()
-
-    def measure(self) -> tuple[float, float]:
-        """(% of a core used by others, % of a core stolen)."""
-        after = user_process_ticks()
-        user, steal = _stat_ticks()
-        our_user = sum(_user_ticks(p) for p in self.ours)
-        others_user = (user - self.stat[0]) - (our_user - self.our_user)
-        others_alive = sum(t - self.before.get(pid, 0) for pid, t in after.items() if pid not in self.ours)
-        elapsed = (time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
-        return 100 * max(others_user, others_alive) / elapsed, 100 * (steal - self.stat[1]) / elapsed
-
 
 def wait_quiet(limit: float) -> float:
     """Wait (up to ``limit`` s) for 2 s in which other processes use ≤ NOISY_PCT of a core; return their use."""
@@ -646,26 +585,6 @@ def percentile(sorted_values, q: float) -> float:
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def git_describe() -> str:
-    """`git describe --always --dirty`, plus a hash of the uncommitted diff when dirty."""
-    try:
-        describe = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=5).stdout.strip()
-        if describe.endswith("-dirty"):
-            diff = subprocess.run(["git", "diff", "HEAD"], cwd=ROOT, capture_output=True, timeout=10).stdout
-            describe += f" (uncommitted diff {hashlib.sha1(diff).hexdigest()[:8]})"
-        return describe
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def machine_info(nproc: int, pinned: dict | None) -> dict:
     cpu_model = ""
     try:
@@ -681,7 +600,7 @@ def machine_info(nproc: int, pinned: dict | None) -> dict:
     except (OSError, IndexError, ValueError):
         pass
     return {"nproc": nproc, "cpu": cpu_model, "mem_total_kib": mem_total, "kernel": platform.release(),
-            "python": platform.python_version(), "asyncua": _version("asyncua"), "uvloop": _version("uvloop"),
+            "python": platform.python_version(), "asyncua": dist_version("asyncua"), "uvloop": dist_version("uvloop"),
             "commit": git_describe(), "pinning": pinned}
 
 
@@ -700,16 +619,8 @@ def analyse_log(text: str) -> dict:
             "n_warnings": len(warnings)}
 
 
-def _f(v, spec: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def mib(kib) -> str:
-    return _f(kib / 1024 if kib is not None else None, ".1f")
-
-
 def mb(kib) -> str:
-    return _f(kib * 1024 / 1e6 if kib is not None else None, ".1f")
+    return fmt(kib * 1024 / 1e6 if kib is not None else None, ".1f")
 
 
 def markdown(r: dict) -> str:
@@ -895,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bridge: pid {bridge.pid}, {n} meters, Modbus TCP {modbus_port}, OPC UA {opcua_port}")
         listening_s = bridge.wait_listening()
         log(f"bridge listening after {listening_s:.1f} s: {bridge.opcua_line.split(': ', 1)[-1]}")
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
+        with asyncio.Runner(loop_factory=new_uvloop) as runner:
             raw = runner.run(run(args, bridge, sim, modbus_port, opcua_port))
     except BaseException:
         if bridge is not None:

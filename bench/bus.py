@@ -71,7 +71,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +82,7 @@ from bridge.model import MeterConfig  # noqa: E402
 from bridge.plan import REPLY_HEADER_CHARS, REQUEST_CHARS, plan_chars, plan_meter  # noqa: E402
 from bridge.profiles import get_builtin  # noqa: E402
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge  # noqa: E402
+from benchlib import dist_version, fmt, user_process_ticks
 
 PROFILE = "eastron-sdm120"
 SEGMENT = "bus"
@@ -132,30 +132,6 @@ def _median(values) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def user_process_ticks() -> dict[int, int]:
-    """CPU ticks (user + system) of every user-space process, by pid (Linux /proc)."""
-    ticks = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[6]) & 0x00200000:  # PF_KTHREAD
-            continue
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_info(loop_name: str) -> dict:
     cpu_model = ""
     try:
@@ -171,7 +147,7 @@ def machine_info(loop_name: str) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu_model, "kernel": platform.release(),
-            "python": platform.python_version(), "uvloop": _version("uvloop"), "pyserial": _version("pyserial"),
+            "python": platform.python_version(), "uvloop": dist_version("uvloop"), "pyserial": dist_version("pyserial"),
             "loop": loop_name, "commit": commit}
 
 
@@ -512,9 +488,6 @@ async def run_once(args, faulted: bool, rnd: int, bound: dict) -> dict:
 
 
 # ====================================================================== report
-def _f(v, spec: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
 
 def summarise(args, runs: list[dict], bound: dict) -> dict:
     free = [r for r in runs if r["run"] == "fault-free"]
@@ -634,7 +607,7 @@ def markdown(result: dict) -> str:
         lines.append("The bridge's own plan after warm-up: " + ("the same blocks." if same else
                      f"**different**: {result['bridge_plans']}.")
                      + f" Its measured turnaround (`MeterDiagnostics.turnaround`, p50 over meters and fault-free "
-                     f"runs): {_f(result.get('bridge_turnaround_ms'), '.2f')} ms against the simulator's "
+                     f"runs): {fmt(result.get('bridge_turnaround_ms'), '.2f')} ms against the simulator's "
                      f"{a['turnaround'] * 1e3:g} ms.")
     lines += [
         "",
@@ -644,36 +617,36 @@ def markdown(result: dict) -> str:
         "| CRC errors | timeouts | retries | healthy polls/s per meter | rate vs fault-free "
         "| values read | wrong values | 0x0B healthy (window) | 0x0B dead meter |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| fault-free | {_f(ff['cycle_p50_ms'], '.1f')} | {_f(ff['cycle_p95_ms'], '.1f')} | {b['cycle_ms']:.1f} "
-        f"| **{_f(ff['ratio'], '.4f')}** | **{ff['silence_violations_whole_run']}** | {ff['requests']} "
+        f"| fault-free | {fmt(ff['cycle_p50_ms'], '.1f')} | {fmt(ff['cycle_p95_ms'], '.1f')} | {b['cycle_ms']:.1f} "
+        f"| **{fmt(ff['ratio'], '.4f')}** | **{ff['silence_violations_whole_run']}** | {ff['requests']} "
         f"| {ff['good']} | {ff['crc_errors']} | {ff['timeouts']} | {ff['retries']} "
-        f"| {_f(ff['healthy_polls_per_s'], '.3f')} | 1 | {ff['reads']:,} | **{ff['wrong']}** "
+        f"| {fmt(ff['healthy_polls_per_s'], '.3f')} | 1 | {ff['reads']:,} | **{ff['wrong']}** "
         f"| {ff['gw_healthy_window']} | – |",
-        f"| faulted: {a['corrupt_rate'] * 100:g} % corrupt, meter {n} dead | {_f(fa['cycle_p50_ms'], '.1f')} "
-        f"| {_f(fa['cycle_p95_ms'], '.1f')} | – | – | **{fa['silence_violations_whole_run']}** | {fa['requests']} "
+        f"| faulted: {a['corrupt_rate'] * 100:g} % corrupt, meter {n} dead | {fmt(fa['cycle_p50_ms'], '.1f')} "
+        f"| {fmt(fa['cycle_p95_ms'], '.1f')} | – | – | **{fa['silence_violations_whole_run']}** | {fa['requests']} "
         f"| {fa['good']} | {fa['crc_errors']} | {fa['timeouts']} | {fa['retries']} "
-        f"| {_f(fa['healthy_polls_per_s'], '.3f')} | **{_f(fa['rate_ratio'], '.3f')}** "
-        f"(worst meter {_f(fa['rate_ratio_min'], '.3f')}) | {fa['reads']:,} | **{fa['wrong']}** "
+        f"| {fmt(fa['healthy_polls_per_s'], '.3f')} | **{fmt(fa['rate_ratio'], '.3f')}** "
+        f"(worst meter {fmt(fa['rate_ratio_min'], '.3f')}) | {fa['reads']:,} | **{fa['wrong']}** "
         f"| {fa['gw_healthy_window']} | {fa['gw_dead']:,} |",
         "",
         f"Counts are summed over rounds (requests, errors: measured windows only; silence violations, values "
         f"read, wrong values: whole runs including warm-up). Rounds: fault-free p50/bound "
-        f"{', '.join(_f(x, '.4f') for x in ff['ratio_rounds'])}; faulted rate ratio "
-        f"{', '.join(_f(x, '.3f') for x in fa['rate_ratio_rounds'])} (healthy meters' mean polls/s over the "
+        f"{', '.join(fmt(x, '.4f') for x in ff['ratio_rounds'])}; faulted rate ratio "
+        f"{', '.join(fmt(x, '.3f') for x in fa['rate_ratio_rounds'])} (healthy meters' mean polls/s over the "
         f"same meters' in the round's fault-free run; a 20 s window counts ~16 polls per meter, so one meter's "
         f"own ratio moves in steps of ~6 %). Segment's own `cycle_time` p50: "
-        f"{_f(ff['segment_cycle_time_p50_ms'], '.1f')} ms fault-free, {_f(fa['segment_cycle_time_p50_ms'], '.1f')} "
+        f"{fmt(ff['segment_cycle_time_p50_ms'], '.1f')} ms fault-free, {fmt(fa['segment_cycle_time_p50_ms'], '.1f')} "
         f"ms faulted. Cycles are start-to-start of each meter's poll (simulator log). Faulted cycle excludes "
         f"the dead meter, which is demoted.",
-        f"Faulted run: dead meter demoted after {_f(fa['demoted_after_s'], '.1f')} s (window starts 1 s later); "
-        f"it then took {_f(fa['dead_bus_share'] * 100 if fa['dead_bus_share'] is not None else None, '.1f')} % "
-        f"of the bus time; a corrupt reply cost {_f(fa['corrupt_extra_ms_p50'], '.1f')} ms (p50) beyond a clean "
+        f"Faulted run: dead meter demoted after {fmt(fa['demoted_after_s'], '.1f')} s (window starts 1 s later); "
+        f"it then took {fmt(fa['dead_bus_share'] * 100 if fa['dead_bus_share'] is not None else None, '.1f')} % "
+        f"of the bus time; a corrupt reply cost {fmt(fa['corrupt_extra_ms_p50'], '.1f')} ms (p50) beyond a clean "
         f"transaction ({fa['corrupt_replies']} corrupt replies); 0x0B for healthy meters during warm-up: "
         f"{fa['gw_healthy_warmup']}; other exception answers: {ff['other_exception'] + fa['other_exception']}; "
         f"healthy meters demoted: {fa['healthy_demotions']}.",
-        f"CPU: this process {_f(ff['process_cpu_pct'], '.0f')} % of a core fault-free, "
-        f"{_f(fa['process_cpu_pct'], '.0f')} % faulted; other processes at most "
-        f"{_f(max(x for x in (ff['other_cpu_pct_max'], fa['other_cpu_pct_max']) if x is not None), '.0f')} %"
+        f"CPU: this process {fmt(ff['process_cpu_pct'], '.0f')} % of a core fault-free, "
+        f"{fmt(fa['process_cpu_pct'], '.0f')} % faulted; other processes at most "
+        f"{fmt(max(x for x in (ff['other_cpu_pct_max'], fa['other_cpu_pct_max']) if x is not None), '.0f')} %"
         " in a measured window"
         + (f" (**noisy: > {NOISY_PCT} % in " + ", ".join(
             f"{r['run']} round {r['round'] + 1} ({r['other_cpu_pct']:.0f} %)" for r in result["runs"]
@@ -699,26 +672,26 @@ def markdown(result: dict) -> str:
     tx = b["transactions"]
     for key, name in names:
         v = ov[key]
-        lines.append(f"| {name} | {_f(v['mean_ms'], '.3f')} | {_f(v['p50_ms'], '.3f')} | {_f(v['p95_ms'], '.3f')} "
-                     f"| {_f(v['mean_ms'] * tx if v['mean_ms'] is not None else None, '.1f')} |")
+        lines.append(f"| {name} | {fmt(v['mean_ms'], '.3f')} | {fmt(v['p50_ms'], '.3f')} | {fmt(v['p95_ms'], '.3f')} "
+                     f"| {fmt(v['mean_ms'] * tx if v['mean_ms'] is not None else None, '.1f')} |")
     master_ms = sum(ov[k]["mean_ms"] or 0 for k in ("wait_overshoot", "master_write_to_sim"))
     lines += [
         "",
         f"(The \"master before wait\" time runs inside t3.5, so it costs nothing unless it exceeds it; the "
         f"overshoot is measured from the later of the two.) Measured cycle − bound: "
-        f"{_f(ff['cycle_p50_ms'] - b['cycle_ms'] if ff['cycle_p50_ms'] is not None else None, '.1f')} ms; "
+        f"{fmt(ff['cycle_p50_ms'] - b['cycle_ms'] if ff['cycle_p50_ms'] is not None else None, '.1f')} ms; "
         f"of which the master's share (overshoot + write → read) ≈ {master_ms * tx:.1f} ms per cycle.",
         "",
         "Targets: " + "; ".join([
             f"cycle / bound ≤ {TARGET_RATIO}: {'met' if tg['cycle_ratio_le_1.05'] else '**NOT met**'} "
-            f"({_f(ff['ratio'], '.4f')})",
+            f"({fmt(ff['ratio'], '.4f')})",
             f"zero silence violations: {'met' if tg['zero_silence_violations'] else '**NOT met**'} "
             f"({ff['silence_violations_whole_run']} fault-free, {fa['silence_violations_whole_run']} faulted)",
             f"zero wrong values served: "
             f"{verdict(tg['zero_wrong_values'])}"
             f" ({ff['wrong'] + fa['wrong']} of {ff['reads'] + fa['reads']:,})",
             f"healthy rate under faults ≥ {TARGET_RATE:.0%}: {verdict(tg['healthy_rate_ge_0.80'])} "
-            f"({_f(fa['rate_ratio'], '.3f')}; worst meter {_f(fa['rate_ratio_min'], '.3f')})",
+            f"({fmt(fa['rate_ratio'], '.3f')}; worst meter {fmt(fa['rate_ratio_min'], '.3f')})",
         ]) + ".",
     ]
     examples = [e for r in result["runs"] for e in r.get("check_examples", [])]

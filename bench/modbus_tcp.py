@@ -39,8 +39,8 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
+from benchlib import dist_version, new_uvloop, user_process_ticks
 
 HOST = "127.0.0.1"
 UNIT = 1
@@ -57,12 +57,6 @@ REPLY_LEN = 7 + len(EXPECTED_PDU)  # 29 bytes: a normal FC3 response with 20 dat
 SERVERS = ("ours", "pymodbus")
 NOISY_PCT = 10  # other processes' CPU use (% of a core) above which a cell is flagged as disturbed
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _new_loop():
-    import uvloop
-
-    return uvloop.new_event_loop()
 
 
 # ============================================================== server side
@@ -118,7 +112,7 @@ def serve_main(kind: str, port: int, cpu: int | None) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_uvloop) as runner:
         runner.run(_serve(kind, port))
 
 
@@ -205,23 +199,6 @@ class ClientError(Exception):
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
-
-
-def user_process_ticks() -> dict[int, int]:
-    """CPU ticks (user + system) of every user-space process, by pid (Linux /proc)."""
-    ticks = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[6]) & 0x00200000:  # PF_KTHREAD: kernel threads carry our own loopback work
-            continue
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-    return ticks
 
 
 def other_cpu_seconds(before: dict[int, int], after: dict[int, int], ours: set[int]) -> float:
@@ -365,12 +342,6 @@ async def run_cell(server: ServerProcess, clients: int, depth: int, rnd: int,
 
 
 # ============================================================== report
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
 
 def machine_info(nproc: int, pinned: dict[str, int] | None) -> dict:
     cpu_model = ""
@@ -391,8 +362,8 @@ def machine_info(nproc: int, pinned: dict[str, int] | None) -> dict:
         "cpu": cpu_model,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "pymodbus": _version("pymodbus"),
-        "uvloop": _version("uvloop"),
+        "pymodbus": dist_version("pymodbus"),
+        "uvloop": dist_version("uvloop"),
         "commit": commit,
         "pinning": pinned,
     }
@@ -569,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         n_cells = len(client_counts) * args.rounds * 2 + (args.rounds if args.pipeline > 1 else 0)
         log(f"{n_cells} cells of {args.warmup:g}+{args.seconds:g} s: "
             f"about {n_cells * (args.warmup + args.seconds):.0f} s")
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
+        with asyncio.Runner(loop_factory=new_uvloop) as runner:
             cells = runner.run(run_all(args, servers, client_counts))
     finally:
         for s in servers.values():

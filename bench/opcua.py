@@ -66,8 +66,16 @@ import sys
 import tempfile
 import time
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
+from benchlib import (
+    dist_version,
+    fmt,
+    new_uvloop,
+    proc_cpu_seconds,
+    stat_ticks,
+    user_process_ticks,
+    user_ticks,
+)
 
 HOST = "127.0.0.1"
 NAMESPACE = "urn:modbus-bridge"
@@ -95,12 +103,6 @@ TARGETS = {"build_s": 10.0, "rss_mib": 400.0, "notif_p99_ms": 250.0, "modbus_p99
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _new_loop():
-    import uvloop
-
-    return uvloop.new_event_loop()
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -122,44 +124,6 @@ def proc_status_kib(field: str) -> int | None:
     return None
 
 
-def proc_cpu_seconds(pid: int | str = "self") -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def user_process_ticks() -> dict[int, int]:
-    """CPU ticks (user + system) of every user-space process, by pid (Linux /proc)."""
-    ticks = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[6]) & 0x00200000:  # PF_KTHREAD: kernel threads carry our own loopback work
-            continue
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def _stat_ticks() -> tuple[int, int]:
-    """Machine-wide (user + nice, steal) ticks from /proc/stat."""
-    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return int(f[1]) + int(f[2]), int(f[8])
-
-
-def _user_ticks(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11])
-    except OSError:
-        return 0
-
-
 class OtherCpu:
     """CPU used by other processes between two snapshots, and time stolen by the hypervisor.
 
@@ -170,15 +134,15 @@ class OtherCpu:
     def __init__(self, ours: set[int]):
         self.ours = ours
         self.before = user_process_ticks()
-        self.stat = _stat_ticks()
-        self.our_user = sum(_user_ticks(p) for p in ours)
+        self.stat = stat_ticks()
+        self.our_user = sum(user_ticks(p) for p in ours)
         self.t0 = time.monotonic()
 
     def measure(self) -> tuple[float, float]:
         """(% of a core used by others, % of a core stolen)."""
         after = user_process_ticks()
-        user, steal = _stat_ticks()
-        our_user = sum(_user_ticks(p) for p in self.ours)
+        user, steal = stat_ticks()
+        our_user = sum(user_ticks(p) for p in self.ours)
         others_user = (user - self.stat[0]) - (our_user - self.our_user)
         others_alive = sum(t - self.before.get(pid, 0) for pid, t in after.items() if pid not in self.ours)
         elapsed = (time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
@@ -477,7 +441,7 @@ def serve_main(args) -> None:
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("asyncua").setLevel(logging.ERROR)
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_uvloop) as runner:
         runner.run(_serve(args))
 
 
@@ -553,7 +517,7 @@ async def _probe(args) -> None:
 def probe_main(args) -> None:
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_uvloop) as runner:
         runner.run(_probe(args))
 
 
@@ -866,12 +830,6 @@ def analyse(raw: dict, args) -> dict:
 
 
 # ====================================================================== report
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
 
 def machine_info(nproc: int, pinned: dict | None) -> dict:
     cpu_model = ""
@@ -888,7 +846,7 @@ def machine_info(nproc: int, pinned: dict | None) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"nproc": nproc, "cpu": cpu_model, "kernel": platform.release(), "python": platform.python_version(),
-            "asyncua": _version("asyncua"), "uvloop": _version("uvloop"), "commit": commit, "pinning": pinned}
+            "asyncua": dist_version("asyncua"), "uvloop": dist_version("uvloop"), "commit": commit, "pinning": pinned}
 
 
 def targets(a: dict) -> dict:
@@ -899,10 +857,6 @@ def targets(a: dict) -> dict:
         "modbus_p99_ms": (a["modbus_sweep"]["p99_ms"], a["modbus_sweep"]["p99_ms"] < TARGETS["modbus_p99_ms"]),
     }
     return t
-
-
-def _f(v, spec: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def noise(a: dict) -> float:
@@ -924,10 +878,10 @@ def markdown(result: dict) -> str:
         return "met" if t[key][1] else "**NOT met**"
 
     def ms(d):
-        return f"{_f(d['p50_ms'], '.1f')} / {_f(d['p99_ms'], '.1f')} / {_f(d['max_ms'], '.1f')}"
+        return f"{fmt(d['p50_ms'], '.1f')} / {fmt(d['p99_ms'], '.1f')} / {fmt(d['max_ms'], '.1f')}"
 
     def ms3(d):
-        return f"{_f(d['p50_ms'], '.3f')} / {_f(d['p99_ms'], '.3f')} / {_f(d['max_ms'], '.2f')}"
+        return f"{fmt(d['p50_ms'], '.3f')} / {fmt(d['p99_ms'], '.3f')} / {fmt(d['max_ms'], '.2f')}"
 
     lines = [
         f"## OPC UA benchmark: {args['meters']:,} meters × 14 measurements, every value changing once a second",
@@ -950,7 +904,7 @@ def markdown(result: dict) -> str:
         "",
         "| measure | value | target |",
         "|---|---:|---|",
-        f"| address-space build (`build_seconds`, includes asyncua `init()` {_f(a['asyncua_init_s'], '.2f')} s) "
+        f"| address-space build (`build_seconds`, includes asyncua `init()` {fmt(a['asyncua_init_s'], '.2f')} s) "
         f"| {a['build_s']:.2f} s | < {TARGETS['build_s']:g} s: {ok('build_s')} |",
         f"| total `await start()` | {a['start_s']:.2f} s | |",
         f"| variables (measurements) | {a['variables']:,} | |",
@@ -972,24 +926,24 @@ def markdown(result: dict) -> str:
         f"| Modbus TCP latency, during sweeps, p50 / p99 / max ({a['modbus_sweep']['n']:,} requests) "
         f"| {ms3(a['modbus_sweep'])} ms | p99 < {TARGETS['modbus_p99_ms']:g} ms: {ok('modbus_p99_ms')} |",
         f"| Modbus TCP latency from the scheduled send time, baseline / sweeps, p99 "
-        f"| {_f(a['modbus_baseline_sched']['p99_ms'], '.3f')} / {_f(a['modbus_sweep_sched']['p99_ms'], '.3f')} ms | |",
+        f"| {fmt(a['modbus_baseline_sched']['p99_ms'], '.3f')} / {fmt(a['modbus_sweep_sched']['p99_ms'], '.3f')} ms | |",
         f"| server event-loop lag (5 ms sleep overshoot), baseline p99 / max "
-        f"| {_f(a['lag_baseline']['p99_ms'], '.1f')} / {_f(a['lag_baseline']['max_ms'], '.1f')} ms | |",
+        f"| {fmt(a['lag_baseline']['p99_ms'], '.1f')} / {fmt(a['lag_baseline']['max_ms'], '.1f')} ms | |",
         f"| server event-loop lag, during sweeps, p50 / p99 / max | {ms(a['lag_sweep'])} ms | |",
         f"| feeder: {3 * args['meters']:,} `store_block` + {args['meters']:,} `mark_good` per sweep, "
-        f"p50 / max (longest slice) | {_f(a['sweep_store']['p50_ms'], '.1f')} / "
-        f"{_f(a['sweep_store']['max_ms'], '.1f')} ms ({_f(a['slice_max']['max_ms'], '.1f')} ms) | |",
+        f"p50 / max (longest slice) | {fmt(a['sweep_store']['p50_ms'], '.1f')} / "
+        f"{fmt(a['sweep_store']['max_ms'], '.1f')} ms ({fmt(a['slice_max']['max_ms'], '.1f')} ms) | |",
         f"| writer done with a sweep (all {a['variables']:,} values written), after its first store: p50 / max; "
-        f"after its last store: p50 / max | {_f(a['writer_flush']['p50_ms'], '.0f')} / "
-        f"{_f(a['writer_flush']['max_ms'], '.0f')} ms; {_f(a['writer_after_last_store']['p50_ms'], '.0f')} / "
-        f"{_f(a['writer_after_last_store']['max_ms'], '.0f')} ms | |",
+        f"after its last store: p50 / max | {fmt(a['writer_flush']['p50_ms'], '.0f')} / "
+        f"{fmt(a['writer_flush']['max_ms'], '.0f')} ms; {fmt(a['writer_after_last_store']['p50_ms'], '.0f')} / "
+        f"{fmt(a['writer_after_last_store']['max_ms'], '.0f')} ms | |",
         f"| publishes carrying data changes: {a['publish_per_s']:.1f}/s, items mean {a['publish_items_mean']:.0f} "
         f"max {a['publish_items_max']}; encode + send p50 / max "
-        f"| {_f(a['publish']['p50_ms'], '.1f')} / {_f(a['publish']['max_ms'], '.1f')} ms | |",
+        f"| {fmt(a['publish']['p50_ms'], '.1f')} / {fmt(a['publish']['max_ms'], '.1f')} ms | |",
         f"| server GC passes during sweeps (after `gc.freeze()` of {a['gc_frozen']:,} objects): gen 2 "
         f"{a['gc']['2']['per_s']:.2f}/s, gen 1 {a['gc']['1']['per_s']:.1f}/s; duration max gen 2 / gen 1 / gen 0 "
-        f"| {_f(a['gc']['2']['max_ms'], '.1f')} / {_f(a['gc']['1']['max_ms'], '.1f')} / "
-        f"{_f(a['gc']['0']['max_ms'], '.1f')} ms | |",
+        f"| {fmt(a['gc']['2']['max_ms'], '.1f')} / {fmt(a['gc']['1']['max_ms'], '.1f')} / "
+        f"{fmt(a['gc']['0']['max_ms'], '.1f')} ms | |",
         f"| CPU while sweeping (100 % = one core): server / OPC UA client / Modbus probe "
         f"| {a['server_cpu_pct_sweeping']:.0f} / {a['client_cpu_pct']:.0f} / {a['probe_cpu_pct']:.0f} % | |",
         f"| server stalls (lag > {LAG_STALL * 1e3:g} ms) by what they overlapped: count (worst) "
@@ -1108,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet = wait_quiet(args.wait_quiet)
         with tempfile.TemporaryDirectory(prefix="bench-opcua-") as tmp:
             args._server_out = str(Path(tmp) / "server.json")
-            with asyncio.Runner(loop_factory=_new_loop) as runner:
+            with asyncio.Runner(loop_factory=new_uvloop) as runner:
                 raw = runner.run(orchestrate(args, pinned))
         new = analyse(raw, args)
         if args.raw and (analysis is None or noise(new) < noise(analysis)):

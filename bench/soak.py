@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -56,8 +55,8 @@ import tempfile
 import time
 from array import array
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
+from benchlib import OtherCpu, dist_version, fmt, free_port, git_describe, mib, new_uvloop, proc_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -103,12 +102,6 @@ KIND_LABELS = {  # kind -> (table label, what is expected)
     "partial": ("incomplete frame, throwaway connection", "closed after frame_timeout"),
 }
 THROWAWAY_AT_ONCE = 6  # throwaway connections open at once (the bridge accepts 64 in all)
-
-
-def _new_loop():
-    import uvloop
-
-    return uvloop.new_event_loop()
 
 
 def log(msg: str) -> None:
@@ -178,76 +171,11 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def proc_cpu_seconds(pid: int | str = "self") -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def proc_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None
-
-
-def user_process_ticks() -> dict[int, int]:
-    """CPU ticks (user + system) of every user-space process, by pid (Linux /proc)."""
-    ticks = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[6]) & 0x00200000:  # PF_KTHREAD: kernel threads carry our own loopback work
-            continue
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def _stat_ticks() -> tuple[int, int]:
-    """Machine-wide (user + nice, steal) ticks from /proc/stat."""
-    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return int(f[1]) + int(f[2]), int(f[8])
-
-
-def _user_ticks(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11])
-    except OSError:
-        return 0
-
-
-class OtherCpu:
-    """CPU used by other processes between two snapshots, and time stolen by the hypervisor."""
-
-    def __init__(self, ours: set[int]):
-        self.ours = ours
-        self.before = user_process_ticks()
-        self.stat = _stat_ticks()
-        self.our_user = sum(_user_ticks(p) for p in ours)
-        self.t0 = time.monotonic()
-
-    def measure(self) -> tuple[float, float]:
-        """(% of a core used by others, % of a core stolen)."""
-        after = user_process_ticks()
-        user, steal = _stat_ticks()
-        our_user = sum(_user_ticks(p) for p in self.ours)
-        others_user = (user - self.stat[0]) - (our_user - self.our_user)
-        others_alive = sum(t - self.before.get(pid, 0) for pid, t in after.items() if pid not in self.ours)
-        elapsed = (time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
-        return 100 * max(others_user, others_alive) / elapsed, 100 * (steal - self.stat[1]) / elapsed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class Bridge:
@@ -722,13 +650,6 @@ def lat_ms(values) -> dict:
             "max_ms": (v[-1] * 1e3) if v else math.nan}
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_info(nproc: int, pinned: dict | None) -> dict:
     cpu_model = ""
     try:
@@ -739,20 +660,7 @@ def machine_info(nproc: int, pinned: dict | None) -> dict:
     except OSError:
         pass
     return {"nproc": nproc, "cpu": cpu_model, "kernel": platform.release(), "python": platform.python_version(),
-            "asyncua": _version("asyncua"), "uvloop": _version("uvloop"), "commit": git_describe(), "pinning": pinned}
-
-
-def git_describe() -> str:
-    """`git describe --always --dirty`, plus a hash of the uncommitted diff when dirty."""
-    try:
-        describe = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=5).stdout.strip()
-        if describe.endswith("-dirty"):
-            diff = subprocess.run(["git", "diff", "HEAD"], cwd=ROOT, capture_output=True, timeout=10).stdout
-            describe += f" (uncommitted diff {hashlib.sha1(diff).hexdigest()[:8]})"
-        return describe
-    except (OSError, subprocess.SubprocessError):
-        return ""
+            "asyncua": dist_version("asyncua"), "uvloop": dist_version("uvloop"), "commit": git_describe(), "pinning": pinned}
 
 
 def slope_mib_per_min(samples: list[dict]) -> float | None:
@@ -788,14 +696,6 @@ def analyse_log(text: str) -> dict:
     }
 
 
-def _f(v, spec: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def mib(kib) -> str:
-    return _f(kib / 1024 if kib is not None else None, ".1f")
-
-
 def markdown(r: dict) -> str:
     m, a = r["machine"], r["args"]
     lines = [
@@ -824,14 +724,14 @@ def markdown(r: dict) -> str:
         f"{r['counts_total'].get('opcua connect', 0):,} |",
         f"| **errors** (whole run) | **{r['errors']}** |",
         f"| latency, every Modbus request on the persistent connections: p50 / p99 / max | "
-        f"{_f(r['latency']['p50_ms'], '.3f')} / {_f(r['latency']['p99_ms'], '.3f')} / "
-        f"{_f(r['latency']['max_ms'], '.1f')} ms |",
+        f"{fmt(r['latency']['p50_ms'], '.3f')} / {fmt(r['latency']['p99_ms'], '.3f')} / "
+        f"{fmt(r['latency']['max_ms'], '.1f')} ms |",
         f"| bridge RSS: idle (before load) / start (after warm-up) / end | {mib(r['idle']['rss_kib'])} / "
         f"{mib(r['start']['rss_kib'])} / {mib(r['end']['rss_kib'])} MiB |",
         f"| bridge RSS: end − start / max of samples / peak (VmHWM) | "
         f"{(r['end']['rss_kib'] - r['start']['rss_kib']) / 1024:+.1f} / {mib(r['rss_max_kib'])} / "
         f"{mib(r['end']['hwm_kib'])} MiB |",
-        f"| bridge RSS trend over the measured window (least squares) | {_f(r['rss_slope'], '+.3f')} MiB/min |",
+        f"| bridge RSS trend over the measured window (least squares) | {fmt(r['rss_slope'], '+.3f')} MiB/min |",
         f"| bridge CPU (measured window; 100 % = one core) | {r['bridge_cpu_pct']:.1f} % "
         f"({r['bridge_cpu_us_per_req']:.0f} µs per request) |",
         f"| bridge open fds: idle / end (under load) / after the clients closed | {r['idle']['fds']} / "
@@ -848,8 +748,8 @@ def markdown(r: dict) -> str:
                                                                                  "status Good, plausible"))]:
         k = r["kinds"].get(kind, {"measured": 0, "total": 0, "n": 0, "p50_ms": math.nan, "p99_ms": math.nan,
                                   "max_ms": math.nan})
-        lines.append(f"| {label} | {expected} | {k['measured']:,} | {k['total']:,} | {_f(k['p50_ms'], '.3f')} "
-                     f"| {_f(k['p99_ms'], '.3f')} | {_f(k['max_ms'], '.1f')} |")
+        lines.append(f"| {label} | {expected} | {k['measured']:,} | {k['total']:,} | {fmt(k['p50_ms'], '.3f')} "
+                     f"| {fmt(k['p99_ms'], '.3f')} | {fmt(k['max_ms'], '.1f')} |")
     lg = r["log"]
     lines += [
         "",
@@ -928,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start_s = bridge.wait_banner()
         log(f"bridge banner after {start_s:.1f} s")
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
+        with asyncio.Runner(loop_factory=new_uvloop) as runner:
             raw = runner.run(soak(args, bridge, layout))
     except BaseException:
         bridge.terminate()
