@@ -341,7 +341,7 @@ class OpcUaServer:
                     "Retries": d.retries,
                     "Demotions": d.demotions,
                     "TurnaroundTime": d.turnaround if d.turnaround is not None else 0.0,
-                    "LastError": d.last_error if not self.image.health(unit) is Health.FRESH else "",
+                    "LastError": u.last_error,  # the image clears it on the next good poll
                 }, now)
             await asyncio.sleep(0)
 

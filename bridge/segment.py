@@ -182,7 +182,6 @@ class Segment:
     def _poll_failed(self, state: MeterState, exc: TransactionError) -> None:
         meter = state.meter
         state.failures += 1
-        state.diag.last_error = str(exc)
         if state.failures >= self.cfg.demote_after and not state.diag.demoted:
             state.diag.demoted = True
             state.diag.demotions += 1
