@@ -108,8 +108,8 @@ def simulate_main(n_segments: int, n_meters: int, emulate_wire: bool, baudrate: 
 
 
 async def _simulate(n_segments: int, n_meters: int, emulate_wire: bool, baudrate: int, turnaround: float) -> None:
-    from bridge.profiles import get_builtin
-    from bridge.simulator import SimMeter, SimulatedBus
+    from bridge.config.profiles import get_builtin
+    from bridge.south.simulator import SimMeter, SimulatedBus
 
     class CountingMeter(SimMeter):
         """A SimMeter that also counts polls (bursts of requests) and repeated requests."""

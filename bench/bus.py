@@ -2,14 +2,14 @@
 """RS485 segment: measured cycle time against the wire-time lower bound, and the cost of faults.
 
 One segment of ``--meters`` (default 7) Eastron SDM120 meters at 9600 8N1, every meter at
-``poll_interval: 0``, polled by the real ``bridge.segment.Segment`` over a real pseudo-terminal
+``poll_interval: 0``, polled by the real ``bridge.south.segment.Segment`` over a real pseudo-terminal
 (``bridge.testing.running_bridge``: the whole bridge in this process, under uvloop). The
-simulated bus (``bridge.simulator.SimulatedBus``, ``emulate_wire=True``) delays every reply
+simulated bus (``bridge.south.simulator.SimulatedBus``, ``emulate_wire=True``) delays every reply
 by the characters of request and reply at the configured baud plus ``--turnaround`` (default
 5 ms), and counts requests that began before 3.5 characters of quiet had passed after its
 last reply (``silence_violations``; a real bus garbles those, so the count must be zero).
 
-Lower bound: the best block plan for the SDM120 image (``bridge.plan.plan_meter`` with the
+Lower bound: the best block plan for the SDM120 image (``bridge.core.plan.plan_meter`` with the
 true turnaround in characters; an exact search), and per transaction the request and reply
 characters, the meter's turnaround and the master's one 3.5-character silence. Cycle bound =
 the sum over meters and blocks. Measured cycle = time between successive starts of the same
@@ -32,7 +32,7 @@ is counted apart. The dead meter must only ever answer 0x0B.
 
 Instrumentation (observation only; bridge/ is not modified): the bus's ``_reply``,
 ``_send_later`` and ``_send``, the segment's silence wait (``Segment._wait_line_free``, or
-``RtuMaster.wait_line_free`` where the segment delegates to ``bridge.rtu_master``) and the
+``RtuMaster.wait_line_free`` where the segment delegates to ``bridge.south.rtu_master``) and the
 image's ``mark_good`` are wrapped on their instances to time each step of every transaction.
 The fault-free run splits each transaction's time beyond its ideal (turnaround + wire
 characters + t3.5) into: the simulator's reply timer (sent − due), the pty to the master, the
@@ -77,10 +77,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge import rtu  # noqa: E402
-from bridge.codec import Function  # noqa: E402
-from bridge.model import MeterConfig  # noqa: E402
-from bridge.plan import REPLY_HEADER_CHARS, REQUEST_CHARS, plan_chars, plan_meter  # noqa: E402
-from bridge.profiles import get_builtin  # noqa: E402
+from bridge.core.codec import Function  # noqa: E402
+from bridge.core.model import MeterConfig  # noqa: E402
+from bridge.core.plan import REPLY_HEADER_CHARS, REQUEST_CHARS, plan_chars, plan_meter  # noqa: E402
+from bridge.config.profiles import get_builtin  # noqa: E402
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge  # noqa: E402
 from benchlib import dist_version, fmt, user_process_ticks
 
@@ -167,7 +167,7 @@ class Probe:
         bus, seg, image = self.bus, self.seg, self.image
         orig_reply, orig_send, orig_send_later = bus._reply, bus._send, bus._send_later
         # the silence wait: Segment._wait_line_free, or RtuMaster.wait_line_free once the segment delegates
-        # its transactions to a bridge.rtu_master.RtuMaster (seg._master, made when the port opens)
+        # its transactions to a bridge.south.rtu_master.RtuMaster (seg._master, made when the port opens)
         line = seg if hasattr(seg, "_wait_line_free") else seg._master
         wait_name = "_wait_line_free" if line is seg else "wait_line_free"
         orig_wait, orig_good = getattr(line, wait_name), image.mark_good

@@ -61,11 +61,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ============================================================== server side
 def _build_ours():
-    from bridge.codec import Function
-    from bridge.image import RegisterImage
-    from bridge.model import MeterConfig, RegisterRange
-    from bridge.modbus_server import ModbusTcpServer
-    from bridge.profiles import get_builtin
+    from bridge.core.codec import Function
+    from bridge.core.image import RegisterImage
+    from bridge.core.model import MeterConfig, RegisterRange
+    from bridge.north.modbus_tcp import ModbusTcpServer
+    from bridge.config.profiles import get_builtin
 
     meter = MeterConfig(
         "bench", slave=1, unit=UNIT, profile=get_builtin("eastron-sdm120"),

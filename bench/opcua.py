@@ -167,8 +167,8 @@ def stats_ms(values_s: list[float]) -> dict:
 
 # ====================================================================== server process
 def build_config(meters: int):
-    from bridge.model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
-    from bridge.profiles import get_builtin
+    from bridge.core.model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
+    from bridge.config.profiles import get_builtin
 
     profile = get_builtin(PROFILE)
     # Eight segments of 250: more than a real RS485 segment holds, but only the OPC UA tree's
@@ -194,8 +194,8 @@ class Feeder:
     """
 
     def __init__(self, config, image):
-        from bridge.codec import encode, registers_to_bytes
-        from bridge.plan import plan_meter
+        from bridge.core.codec import encode, registers_to_bytes
+        from bridge.core.plan import plan_meter
 
         self.image = image
         self.units = [m.unit for m in config.meters]
@@ -253,11 +253,11 @@ class Feeder:
 
 
 async def _serve(args) -> None:
-    from bridge.image import RegisterImage
-    from bridge.modbus_server import ModbusTcpServer
-    from bridge.model import OpcUaConfig
-    import bridge.opcua_server as opcua_module
-    from bridge.opcua_server import OpcUaServer
+    from bridge.core.image import RegisterImage
+    from bridge.north.modbus_tcp import ModbusTcpServer
+    from bridge.core.model import OpcUaConfig
+    import bridge.north.opcua.server as opcua_module
+    from bridge.north.opcua.server import OpcUaServer
 
     loop = asyncio.get_running_loop()
     info: dict = {"pid": os.getpid(), "rss_before_kib": proc_status_kib("VmRSS")}
@@ -602,7 +602,7 @@ async def run_client(args, server: Child, sinfo: dict, probe: Child) -> dict:
     res["other_cpu_baseline_pct"], res["steal_baseline_pct"] = other.measure()
 
     # Phase 2: connect and subscribe.
-    from bridge.profiles import get_builtin
+    from bridge.config.profiles import get_builtin
 
     measurements = get_builtin(PROFILE).measurements
     points = subscribed_points(args.meters, args.subscribe, len(measurements))

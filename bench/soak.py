@@ -131,7 +131,7 @@ def _merge(intervals):
 def demo_layout() -> dict[int, UnitLayout]:
     """The input registers each demo unit serves, from the demo layout and the profiles' register maps."""
     from bridge.demo import DEMO_LAYOUT
-    from bridge.profiles import get_builtin
+    from bridge.config.profiles import get_builtin
 
     units = {}
     for meters in DEMO_LAYOUT.values():

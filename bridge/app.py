@@ -11,14 +11,14 @@ import gc
 import logging
 from collections.abc import Awaitable, Callable
 
-from . import pdu as P
-from .errors import BridgeError
-from .image import RegisterImage
-from .model import Config
-from .http_server import HttpServer
-from .modbus_server import ModbusTcpServer
-from .opcua_server import OpcUaServer
-from .segment import LinkFactory, Segment, open_link
+from bridge.core import pdu as P
+from bridge.core.errors import BridgeError
+from bridge.core.image import RegisterImage
+from bridge.core.model import Config
+from bridge.north.http import HttpServer
+from bridge.north.modbus_tcp import ModbusTcpServer
+from bridge.north.opcua.server import OpcUaServer
+from bridge.south.segment import LinkFactory, Segment, open_link
 
 log = logging.getLogger("bridge.app")
 

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from .errors import BridgeError, ConfigError
-from .profiles import UnknownProfile
+from bridge.core.errors import BridgeError, ConfigError
+from bridge.config.profiles import UnknownProfile
 
 PROG = "modbus-bridge"
 STOP_TIMEOUT = 4.5  # seconds a stop may take before the rest is cancelled (SIGTERM: exit within 5 s)
@@ -177,28 +177,28 @@ def _run_loop(coro: Awaitable[None]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .service import serve
+    from bridge.config.loader import load_config
+    from bridge.service import serve
 
     config = load_config(args.config)
     return _serve(lambda stop: serve(args.config, config, stop))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .config import load_config, summary
+    from bridge.config.loader import load_config, summary
 
     print(summary(load_config(args.config)))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from bridge.demo import run_demo
 
     return _serve(lambda stop: run_demo(args.modbus_port, args.opcua_port, stop, args.http_port))
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from .profiles import builtin_profile_names, get_builtin
+    from bridge.config.profiles import builtin_profile_names, get_builtin
 
     if args.name:
         profile = get_builtin(args.name)
@@ -228,7 +228,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 def cmd_hash_password(args: argparse.Namespace) -> int:
     import getpass
 
-    from .passwords import hash_password
+    from bridge.core.passwords import hash_password
 
     if sys.stdin.isatty():
         password = getpass.getpass("password: ")
@@ -243,7 +243,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .commissioning import scan
+    from bridge.south.commissioning import scan
 
     baudrates = args.baudrates or [args.baudrate]
     tty = sys.stderr.isatty()
@@ -274,8 +274,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_read(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .commissioning import read_meter
-    from .profiles import resolve_profile
+    from bridge.south.commissioning import read_meter
+    from bridge.config.profiles import resolve_profile
 
     profile = resolve_profile(args.profile, Path.cwd())
     values = asyncio.run(read_meter(args.port, args.slave, profile, baudrate=args.baudrate, parity=args.parity,
@@ -293,8 +293,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_points(args: argparse.Namespace) -> int:
     import csv
 
-    from .commissioning import points_rows
-    from .config import load_config
+    from bridge.south.commissioning import points_rows
+    from bridge.config.loader import load_config
 
     config = load_config(args.config)
     rows = points_rows(config)

@@ -9,10 +9,10 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from .app import App
-from .config import load_config
-from .profiles import get_builtin
-from .simulator import SimMeter, SimulatedBus
+from bridge.app import App
+from bridge.config.loader import load_config
+from bridge.config.profiles import get_builtin
+from bridge.south.simulator import SimMeter, SimulatedBus
 
 # segment -> [(meter name, slave, upstream unit, profile)]
 DEMO_LAYOUT = {

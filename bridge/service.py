@@ -12,11 +12,11 @@ import logging
 import signal
 from pathlib import Path
 
-from .app import App
-from .config import load_config
-from .errors import BridgeError, ConfigError
-from .model import Config
-from .sdnotify import Notifier, watchdog
+from bridge.app import App
+from bridge.config.loader import load_config
+from bridge.core.errors import BridgeError, ConfigError
+from bridge.core.model import Config
+from bridge.sdnotify import Notifier, watchdog
 
 log = logging.getLogger("bridge.service")
 

@@ -12,12 +12,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from collections.abc import AsyncIterator
 
-from . import mbap
-from .app import App
-from .codec import Function
-from .model import Config, HttpConfig, MeterConfig, ModbusTcpConfig, OpcUaConfig, RegisterRange, SegmentConfig
-from .profiles import get_builtin
-from .simulator import SimMeter, SimulatedBus
+from bridge.core import mbap
+from bridge.app import App
+from bridge.core.codec import Function
+from bridge.core.model import Config, HttpConfig, MeterConfig, ModbusTcpConfig, OpcUaConfig, RegisterRange, SegmentConfig
+from bridge.config.profiles import get_builtin
+from bridge.south.simulator import SimMeter, SimulatedBus
 
 
 @dataclass

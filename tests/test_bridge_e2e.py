@@ -7,8 +7,9 @@ import struct
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from bridge import codec, mbap
-from bridge.codec import DataType
+from bridge.core import codec
+from bridge.core import mbap
+from bridge.core.codec import DataType
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge
 
 F32 = DataType.FLOAT32

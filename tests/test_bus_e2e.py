@@ -5,12 +5,12 @@ import asyncio
 import os
 import struct
 
-from bridge import codec
-from bridge.codec import DataType
-from bridge.model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
+from bridge.core import codec
+from bridge.core.codec import DataType
+from bridge.core.model import Config, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
 from bridge.app import App
-from bridge.profiles import get_builtin
-from bridge.simulator import SimMeter, SimulatedBus
+from bridge.config.profiles import get_builtin
+from bridge.south.simulator import SimMeter, SimulatedBus
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge
 
 
@@ -163,7 +163,7 @@ async def test_slow_meter_is_polled_at_its_interval_among_fast_ones():
 
 
 async def test_consolidated_unit_serves_the_whole_panel_as_float32():
-    from bridge.model import ConsolidatedMap
+    from bridge.core.model import ConsolidatedMap
 
     layout = {"a": [MeterSpec("m1", 1, 11), MeterSpec("m2", 2, 12, profile="eastron-sdm630")],
               "b": [MeterSpec("m3", 1, 21, silent=True)]}

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from bridge import codec
-from bridge.codec import DataType
-from bridge.profiles import get_builtin
-from bridge.simulator import SimMeter, SimulatedBus
+from bridge.core import codec
+from bridge.core.codec import DataType
+from bridge.config.profiles import get_builtin
+from bridge.south.simulator import SimMeter, SimulatedBus
 from bridge.testing import RawModbusClient
 
 BRIDGE = [sys.executable, "-m", "bridge"]
@@ -126,7 +126,7 @@ def test_bad_input_is_one_line_and_exit_2(argv):
 
 
 def test_hash_password_reads_stdin_and_verifies():
-    from bridge.passwords import verify_password
+    from bridge.core.passwords import verify_password
 
     out = subprocess.run([*BRIDGE, "hash-password"], input="correct horse\n", capture_output=True, text=True,
                          check=True)

@@ -1,4 +1,4 @@
-"""bridge.codec: Modbus data types and word orders (registers <-> numbers)."""
+"""bridge.core.codec: Modbus data types and word orders (registers <-> numbers)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymodbus.client.mixin import ModbusClientMixin
 
-from bridge.codec import (
+from bridge.core.codec import (
     DataType,
     Function,
     WordOrder,

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from bridge.commissioning import points_rows, read_meter, reference, scan
-from bridge.errors import PortError
-from bridge.profiles import get_builtin
-from bridge.simulator import SimMeter, SimulatedBus
+from bridge.south.commissioning import points_rows, read_meter, reference, scan
+from bridge.core.errors import PortError
+from bridge.config.profiles import get_builtin
+from bridge.south.simulator import SimMeter, SimulatedBus
 from bridge.testing import MeterSpec, running_bridge
 
 BRIDGE = [sys.executable, "-m", "bridge"]
@@ -86,7 +86,7 @@ def test_register_references():
 
 @pytest.fixture
 def example_config():
-    from bridge.config import load_config
+    from bridge.config.loader import load_config
     return load_config("config/example.yaml")
 
 
@@ -112,7 +112,7 @@ async def test_points_formats():
 
 
 def test_points_list_the_consolidated_unit(tmp_path):
-    from bridge.config import load_config
+    from bridge.config.loader import load_config
 
     path = tmp_path / "bridge.yaml"
     path.write_text(

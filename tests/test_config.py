@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge.codec import Function
-from bridge.config import load_config, summary
-from bridge.errors import ConfigError, ConfigIssue
-from bridge.model import Config, HttpConfig, ModbusTcpConfig, OpcUaConfig
-from bridge.profiles import get_builtin
-from bridge.yamlsource import parse_yaml, plain
+from bridge.core.codec import Function
+from bridge.config.loader import load_config, summary
+from bridge.core.errors import ConfigError, ConfigIssue
+from bridge.core.model import Config, HttpConfig, ModbusTcpConfig, OpcUaConfig
+from bridge.config.profiles import get_builtin
+from bridge.config.yamlsource import parse_yaml, plain
 
 FULL = """
 segments:

@@ -19,9 +19,10 @@ import time
 import pytest
 
 from bridge import app as app_module
-from bridge import codec, mbap
-from bridge.codec import DataType
-from bridge.modbus_server import CHECK_PERIOD
+from bridge.core import codec
+from bridge.core import mbap
+from bridge.core.codec import DataType
+from bridge.north.modbus_tcp import CHECK_PERIOD
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge
 
 F32 = DataType.FLOAT32

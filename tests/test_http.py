@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge import http_server
+from bridge.north import http as http_server
 from bridge.app import App
-from bridge.http_server import HttpServer
-from bridge.image import Health
-from bridge.model import Config, HttpConfig, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
-from bridge.profiles import get_builtin
+from bridge.north.http import HttpServer
+from bridge.core.image import Health
+from bridge.core.model import Config, HttpConfig, MeterConfig, ModbusTcpConfig, OpcUaConfig, SegmentConfig
+from bridge.config.profiles import get_builtin
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge
 
 SCREENSHOT = Path(tempfile.gettempdir()) / "modbus-bridge-status.png"

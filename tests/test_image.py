@@ -1,14 +1,14 @@
-"""bridge.image: the register image (served registers, reads with Modbus exceptions, freshness, changes)."""
+"""bridge.core.image: the register image (served registers, reads with Modbus exceptions, freshness, changes)."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import pdu as P
-from bridge.codec import DataType, Function, WordOrder, encode, registers_to_bytes
-from bridge.image import Change, Health, RegisterImage, served_intervals
-from bridge.model import MeterConfig, Measurement, Profile, RegisterRange
+from bridge.core import pdu as P
+from bridge.core.codec import DataType, Function, WordOrder, encode, registers_to_bytes
+from bridge.core.image import Change, Health, RegisterImage, served_intervals
+from bridge.core.model import MeterConfig, Measurement, Profile, RegisterRange
 
 FC3, FC4 = 3, 4
 

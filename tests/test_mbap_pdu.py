@@ -1,4 +1,4 @@
-"""bridge.mbap (Modbus TCP framing) and bridge.pdu (request parsing, responses, reply checking)."""
+"""bridge.core.mbap (Modbus TCP framing) and bridge.core.pdu (request parsing, responses, reply checking)."""
 from __future__ import annotations
 
 import struct
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import mbap
-from bridge import pdu as P
-from bridge.errors import BadReply, ExceptionReply, ProtocolError
+from bridge.core import mbap
+from bridge.core import pdu as P
+from bridge.core.errors import BadReply, ExceptionReply, ProtocolError
 
 # ------------------------------------------------------------------------ MBAP
 

@@ -22,7 +22,7 @@ import pytest_asyncio
 from asyncua import Client, Node, ua
 
 import bridge
-from bridge.profiles import get_builtin
+from bridge.config.profiles import get_builtin
 from bridge.testing import Harness, MeterSpec, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -35,7 +35,7 @@ STALE_AFTER = 0.4
 TIMEOUT = 0.3  # reply timeout; with RETRIES a failed poll takes 0.6 s, so stale comes well before offline
 RETRIES = 1
 OFFLINE_RETRY = 0.5  # demote_interval: instead of 10 s between polls of an offline meter, so recovery is quick to see
-DIAGNOSTICS = 1.0  # bridge.opcua_server.DIAGNOSTICS_PERIOD: Online and counters lag by up to this
+DIAGNOSTICS = 1.0  # bridge.north.opcua.server.DIAGNOSTICS_PERIOD: Online and counters lag by up to this
 NEVER_SLAVE = 9  # the simulated meter at this address never answers, from its first request on
 
 LAYOUT = {

@@ -25,10 +25,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bridge.errors import BridgeError
-from bridge.model import OpcUaConfig, OpcUaUser
-from bridge.opcua_security import load_or_create_certificate
-from bridge.passwords import hash_password
+from bridge.core.errors import BridgeError
+from bridge.core.model import OpcUaConfig, OpcUaUser
+from bridge.north.opcua.security import load_or_create_certificate
+from bridge.core.passwords import hash_password
 from bridge.testing import Harness, MeterSpec, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -1,4 +1,4 @@
-"""bridge.plan: cost-based block-read planning."""
+"""bridge.core.plan: cost-based block-read planning."""
 from __future__ import annotations
 
 import itertools
@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import plan
-from bridge.codec import DataType, Function, WordOrder
-from bridge.model import MAX_READ_REGISTERS, MeterConfig, Measurement, Profile, RegisterRange
-from bridge.plan import Block, block_chars, plan_chars, plan_intervals, plan_meter, request_overhead_chars
+from bridge.core import plan
+from bridge.core.codec import DataType, Function, WordOrder
+from bridge.core.model import MAX_READ_REGISTERS, MeterConfig, Measurement, Profile, RegisterRange
+from bridge.core.plan import Block, block_chars, plan_chars, plan_intervals, plan_meter, request_overhead_chars
 
 SDM120_INPUT = [0x00, 0x06, 0x0C, 0x12, 0x18, 0x1E, 0x24, 0x46, 0x48, 0x4A, 0x4C, 0x4E, 0x156, 0x158]
 

@@ -10,9 +10,9 @@ import struct
 
 import pytest
 
-from bridge import codec
-from bridge.codec import DataType, Function, WordOrder
-from bridge.profiles import builtin_profile_names, get_builtin
+from bridge.core import codec
+from bridge.core.codec import DataType, Function, WordOrder
+from bridge.config.profiles import builtin_profile_names, get_builtin
 from bridge.testing import MeterSpec, running_bridge
 
 NEW_PROFILES = {

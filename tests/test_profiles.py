@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.codec import DataType, Function, WordOrder
-from bridge.errors import ConfigError, ConfigIssue
-from bridge.profiles import (
+from bridge.core.codec import DataType, Function, WordOrder
+from bridge.core.errors import ConfigError, ConfigIssue
+from bridge.config.profiles import (
     UnknownProfile,
     builtin_profile_names,
     get_builtin,
@@ -16,7 +16,7 @@ from bridge.profiles import (
     resolve_profile,
     validate_profile_data,
 )
-from bridge.yamlsource import parse_yaml
+from bridge.config.yamlsource import parse_yaml
 
 
 def write(directory: Path, text: str, name: str = "meter.yaml") -> Path:

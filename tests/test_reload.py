@@ -6,8 +6,8 @@ import json
 import signal
 import sys
 
-from bridge.profiles import get_builtin
-from bridge.simulator import SimMeter, SimulatedBus
+from bridge.config.profiles import get_builtin
+from bridge.south.simulator import SimMeter, SimulatedBus
 from bridge.testing import RawModbusClient
 
 BRIDGE = [sys.executable, "-m", "bridge", "--log-format", "json"]

@@ -1,4 +1,4 @@
-"""bridge.rtu: CRC16, RTU framing, reply scanning (master), request decoding (slave), line timing."""
+"""bridge.core.rtu: CRC16, RTU framing, reply scanning (master), request decoding (slave), line timing."""
 from __future__ import annotations
 
 import struct
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import pdu as P
-from bridge import rtu
+from bridge.core import pdu as P
+from bridge.core import rtu
 
 READ10 = P.ReadRequest(3, 0, 10)
 READ2 = P.ReadRequest(3, 0, 2)
@@ -217,7 +217,7 @@ def test_find_reply_rejects_wrong_length_reply():
 def test_short_reply_followed_by_two_zero_bytes_is_caught_by_check_response():
     """CRC-16/MODBUS residue: frame + 00 00 is again CRC-valid, so find_reply may return a candidate
     of the expected length built from a short reply; check_response must then reject it."""
-    from bridge.errors import BadReply
+    from bridge.core.errors import BadReply
 
     short = rtu.frame(1, P.read_response_pdu(3, b"\x00\x01"))
     scan = rtu.find_reply(short + b"\x00\x00", 1, READ2)

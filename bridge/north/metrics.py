@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
-from .image import Health
+from bridge.core.image import Health
 
 if TYPE_CHECKING:
-    from .app import App
+    from bridge.app import App
 
 try:  # the classic text format, which every Prometheus understands
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE

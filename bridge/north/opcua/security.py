@@ -46,9 +46,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import BridgeError
-from .model import OpcUaConfig, OpcUaUser
-from .passwords import hash_password, verify_password
+from bridge.core.errors import BridgeError
+from bridge.core.model import OpcUaConfig, OpcUaUser
+from bridge.core.passwords import hash_password, verify_password
 
 log = logging.getLogger("bridge.opcua")
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
-from .errors import ConfigIssue
+from bridge.core.errors import ConfigIssue
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 

@@ -133,7 +133,7 @@ def check_response(request: Request, pdu: bytes) -> bytes:
     ``ExceptionReply`` for an exception PDU and ``BadReply`` for any mismatch,
     so a reply that does not answer this exact request is never used.
     """
-    from .errors import BadReply, ExceptionReply
+    from bridge.core.errors import BadReply, ExceptionReply
 
     fc = request.function
     if len(pdu) == 2 and pdu[0] == (fc | 0x80):

@@ -23,12 +23,13 @@ from urllib.parse import urlparse
 from asyncua import Server, ua
 from asyncua.server.address_space import AttributeValue, NodeData
 
-from . import __version__, codec
-from .image import Change, Health, RegisterImage
-from .model import Config, Measurement, MeterConfig, OpcUaConfig
-from .opcua_nodes import ANALOG_ITEM_TYPE, NodeBuilder
-from .opcua_security import configure_security
-from .units import CEFACT_NAMESPACE, unit_for
+from bridge import __version__
+from bridge.core import codec
+from bridge.core.image import Change, Health, RegisterImage
+from bridge.core.model import Config, Measurement, MeterConfig, OpcUaConfig
+from bridge.north.opcua.nodes import ANALOG_ITEM_TYPE, NodeBuilder
+from bridge.north.opcua.security import configure_security
+from bridge.core.units import CEFACT_NAMESPACE, unit_for
 
 log = logging.getLogger("bridge.opcua")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codec import Function
-from .image import served_intervals
-from .model import MAX_READ_REGISTERS, MeterConfig
+from bridge.core.codec import Function
+from bridge.core.image import served_intervals
+from bridge.core.model import MAX_READ_REGISTERS, MeterConfig
 
 REQUEST_CHARS = 8  # slave, function, address(2), count(2), CRC(2)
 REPLY_HEADER_CHARS = 5  # slave, function, byte count, CRC(2)

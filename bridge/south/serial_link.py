@@ -15,7 +15,7 @@ from typing import Protocol
 
 import serial
 
-from .errors import PortError
+from bridge.core.errors import PortError
 
 _PARITY = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD}
 

@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .codec import Function
-from .errors import ConfigError, ConfigIssue
-from .model import (
+from bridge.core.codec import Function
+from bridge.core.errors import ConfigError, ConfigIssue
+from bridge.core.model import (
     Config,
     ConsolidatedMap,
     HttpConfig,
@@ -27,8 +27,8 @@ from .model import (
     Profile,
     SegmentConfig,
 )
-from .profiles import RANGES, UnknownProfile, build_ranges, resolve_profile
-from .yamlsource import (
+from bridge.config.profiles import RANGES, UnknownProfile, build_ranges, resolve_profile
+from bridge.config.yamlsource import (
     INVALID,
     Ctx,
     Field,

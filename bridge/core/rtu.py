@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import pdu as P
+from bridge.core import pdu as P
 
 
 def _make_table() -> list[int]:

@@ -18,11 +18,11 @@ import tty
 from collections import deque
 from dataclasses import dataclass, field
 
-from . import codec
-from . import pdu as P
-from . import rtu
-from .codec import Function
-from .model import Profile
+from bridge.core import codec
+from bridge.core import pdu as P
+from bridge.core import rtu
+from bridge.core.codec import Function
+from bridge.core.model import Profile
 
 
 @dataclass

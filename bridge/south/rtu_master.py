@@ -13,11 +13,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import pdu as P
-from . import rtu
-from .diagnostics import LinkCounters
-from .errors import BadReply, ExceptionReply, ReplyTimeout
-from .serial_link import SerialLink
+from bridge.core import pdu as P
+from bridge.core import rtu
+from bridge.core.diagnostics import LinkCounters
+from bridge.core.errors import BadReply, ExceptionReply, ReplyTimeout
+from bridge.south.serial_link import SerialLink
 
 QUIET_GAP = 0.05  # a reply that stopped arriving for this long (and ≥ 2 × t3.5) is over
 

@@ -19,11 +19,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from . import mbap
-from . import pdu as P
-from .errors import ExceptionReply, ProtocolError, TransactionError
-from .image import RegisterImage
-from .model import ModbusTcpConfig
+from bridge.core import mbap
+from bridge.core import pdu as P
+from bridge.core.errors import ExceptionReply, ProtocolError, TransactionError
+from bridge.core.image import RegisterImage
+from bridge.core.model import ModbusTcpConfig
 
 log = logging.getLogger("bridge.modbus_tcp")
 

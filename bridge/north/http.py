@@ -21,14 +21,14 @@ from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from . import codec
-from .image import Health
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import exposition, make_registry
-from .model import HttpConfig
+from bridge.core import codec
+from bridge.core.image import Health
+from bridge.north.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from bridge.north.metrics import exposition, make_registry
+from bridge.core.model import HttpConfig
 
 if TYPE_CHECKING:
-    from .app import App
+    from bridge.app import App
 
 log = logging.getLogger("bridge.http")
 
@@ -97,7 +97,7 @@ class HttpServer:
         self._sampler: asyncio.Task | None = None
         self._handlers: set[asyncio.Task] = set()
         self.stats = {"requests": 0, "bad_requests": 0, "refused": 0}
-        self._page = resources.files("bridge").joinpath("static/status.html").read_bytes()
+        self._page = resources.files(__package__).joinpath("static/status.html").read_bytes()
         # per unit: (measurement, decoder) for the live values on the status page
         self._points = {m.unit: [(p, codec.decoder(p.dtype, p.word_order)) for p in m.profile.measurements]
                         for m in app.config.meters}

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import codec
-from . import pdu as P
-from .errors import ExceptionReply, PortError, TransactionError
-from .model import Config, MeterConfig, Profile
-from .plan import plan_meter
-from .profiles import builtin_profile_names, get_builtin
-from .rtu_master import RtuMaster
-from .serial_link import PySerialLink
+from bridge.core import codec
+from bridge.core import pdu as P
+from bridge.core.errors import ExceptionReply, PortError, TransactionError
+from bridge.core.model import Config, MeterConfig, Profile
+from bridge.core.plan import plan_meter
+from bridge.config.profiles import builtin_profile_names, get_builtin
+from bridge.south.rtu_master import RtuMaster
+from bridge.south.serial_link import PySerialLink
 
 SCAN_TIMEOUT = 0.1  # seconds per probe: a meter answers within a few character times
 

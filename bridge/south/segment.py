@@ -17,16 +17,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import pdu as P
-from . import rtu
-from .codec import Function
-from .diagnostics import MeterDiagnostics
-from .errors import BadReply, ExceptionReply, PortError, ReplyTimeout, TransactionError
-from .image import RegisterImage
-from .model import MeterConfig, SegmentConfig
-from .plan import Block, plan_meter
-from .rtu_master import RtuMaster
-from .serial_link import PySerialLink, SerialLink
+from bridge.core import pdu as P
+from bridge.core import rtu
+from bridge.core.codec import Function
+from bridge.core.diagnostics import MeterDiagnostics
+from bridge.core.errors import BadReply, ExceptionReply, PortError, ReplyTimeout, TransactionError
+from bridge.core.image import RegisterImage
+from bridge.core.model import MeterConfig, SegmentConfig
+from bridge.core.plan import Block, plan_meter
+from bridge.south.rtu_master import RtuMaster
+from bridge.south.serial_link import PySerialLink, SerialLink
 
 log = logging.getLogger("bridge.segment")
 

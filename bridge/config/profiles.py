@@ -13,10 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .codec import DataType, Function, WordOrder
-from .errors import BridgeError, ConfigError, ConfigIssue
-from .model import MAX_READ_REGISTERS, Measurement, Profile, RegisterRange
-from .yamlsource import (
+from bridge.core.codec import DataType, Function, WordOrder
+from bridge.core.errors import BridgeError, ConfigError, ConfigIssue
+from bridge.core.model import MAX_READ_REGISTERS, Measurement, Profile, RegisterRange
+from bridge.config.yamlsource import (
     INVALID,
     Ctx,
     Field,
@@ -143,7 +143,7 @@ def resolve_profile(ref: str, relative_to: Path) -> Profile:
 
 
 def _builtin_dir() -> Any:
-    return resources.files(__package__) / "profiles"
+    return resources.files(__package__) / "builtin"
 
 
 def _looks_like_path(ref: str) -> bool:

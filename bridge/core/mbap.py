@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .errors import ProtocolError
+from bridge.core.errors import ProtocolError
 
 HEADER = 7  # transaction id, protocol id, length, unit id
 MAX_PDU = 253

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .codec import Function
-from .diagnostics import MeterDiagnostics, SegmentDiagnostics
-from .model import ConsolidatedMap, MeterConfig
-from . import codec
-from . import pdu as P
+from bridge.core.codec import Function
+from bridge.core.diagnostics import MeterDiagnostics, SegmentDiagnostics
+from bridge.core.model import ConsolidatedMap, MeterConfig
+from bridge.core import codec
+from bridge.core import pdu as P
 
 
 class Health(enum.Enum):

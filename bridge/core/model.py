@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .codec import DataType, Function, WordOrder
+from bridge.core.codec import DataType, Function, WordOrder
 
 MAX_READ_REGISTERS = 125  # Modbus limit for FC3/FC4
 

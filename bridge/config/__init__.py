@@ -1,0 +1,1 @@
+"""From YAML to frozen, validated configuration objects."""

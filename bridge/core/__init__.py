@@ -1,0 +1,1 @@
+"""The pure core: codecs, frames, block planning, the register image. No I/O."""

@@ -1,0 +1,1 @@
+"""The sides clients talk to: Modbus TCP, OPC UA, HTTP and metrics."""
