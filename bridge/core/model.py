@@ -5,8 +5,10 @@ the bridge consumes only these objects.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+from bridge.core import codec
 from bridge.core.codec import DataType, Function, WordOrder
 
 MAX_READ_REGISTERS = 125  # Modbus limit for FC3/FC4
@@ -27,6 +29,15 @@ class Measurement:
     @property
     def count(self) -> int:
         return self.dtype.registers
+
+    @functools.cached_property
+    def _decode(self):
+        return codec.decoder(self.dtype, self.word_order)
+
+    def value(self, raw: bytes) -> float | int:
+        """The measurement's value from its raw registers: decoded, then scaled (the one place)."""
+        value = self._decode(raw)
+        return value * self.scale if self.scale != 1.0 else value
 
     @property
     def end(self) -> int:
