@@ -86,22 +86,13 @@ async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None
         with tempfile.TemporaryDirectory(prefix="modbus-bridge-demo-") as tmp:
             path = Path(tmp) / "demo.yaml"
             path.write_text(demo_config_text(ports, modbus_port, opcua_port, http_port))
-            app = App(load_config(path))
-            runner = asyncio.create_task(app.run())
-            listening = asyncio.create_task(app.listening.wait())
-            await asyncio.wait({runner, listening}, return_when=asyncio.FIRST_COMPLETED)
-            if runner.done():
-                await runner  # raises why it could not start
-            print(banner(app, path), flush=True)
-            stopper = asyncio.create_task((stop or asyncio.Event()).wait())
-            try:
+            async with App(load_config(path)) as app, asyncio.TaskGroup() as tg:
+                print(banner(app, path), flush=True)
+                stopper = tg.create_task((stop or asyncio.Event()).wait())
+                runner = tg.create_task(app.wait())  # raises if the bridge fails rather than stops
                 await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
                 stopper.cancel()
-                listening.cancel()
-                app.stop()
-                await asyncio.wait({runner})
-            runner.result()  # raises if the bridge failed rather than stopped
+                runner.cancel()
     finally:
         for bus in buses.values():
             bus.close()

@@ -50,12 +50,12 @@ class Harness:
         return self.app.modbus.port
 
     def segment(self, name: str):
-        return next(s for s in self.app.segments if s.cfg.name == name)
+        return self.app.segments[name]
 
     async def polls(self, meter: str, n: int = 1, timeout: float = 5.0) -> None:
         """Wait until ``meter`` has answered ``n`` more complete polls (image marked good)."""
         unit = self.meters[meter].unit
-        seg = next(s for s in self.app.segments if unit in s.meters)
+        seg = next(s for s in self.app.segments.values() if unit in s.meters)
         state = seg.meters[unit]
         target = state.diag.good + n * len(state.blocks)
         async with asyncio.timeout(timeout):
@@ -114,17 +114,10 @@ async def running_bridge(
                                   namespace=namespace, security=("None",)), **(opcua_options or {})),
         http=HttpConfig("127.0.0.1", 0) if http else None,
     )
-    app = App(config)
-    runner = asyncio.create_task(app.run())
     try:
-        listening = asyncio.create_task(app.listening.wait())
-        await asyncio.wait({runner, listening}, return_when=asyncio.FIRST_COMPLETED)
-        if runner.done():
-            await runner  # it could not start: raise why
-        yield Harness(app, buses, sims, meters)
+        async with App(config) as app:
+            yield Harness(app, buses, sims, meters)
     finally:
-        app.stop()
-        await runner
         for bus in buses.values():
             bus.close()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import stat
 import textwrap
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import pytest
 
 from bridge.core.codec import Function
 from bridge.config.loader import load_config, summary
-from bridge.core.errors import ConfigError, ConfigIssue
+from bridge.core.errors import BridgeError, ConfigError, ConfigIssue
 from bridge.core.model import Config, HttpConfig, ModbusTcpConfig, OpcUaConfig
 from bridge.config.profiles import get_builtin
 from bridge.config.yamlsource import parse_yaml, plain
+from bridge.state import ensure_state_dir, state_path
 
 FULL = """
 segments:
@@ -58,6 +60,12 @@ segments:
     meters:
       - {name: m1, slave: 7, profile: eastron-sdm120}
 """
+
+
+@pytest.fixture(autouse=True)
+def no_systemd_state_directory(monkeypatch):
+    """The default state_dir depends on $STATE_DIRECTORY: tests set it only on purpose."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
 
 
 def write(directory: Path, text: str, name: str = "bridge.yaml") -> Path:
@@ -106,8 +114,8 @@ def test_full_config_loads_into_frozen_objects(tmp_path):
     assert config.stale_after == 5.0
     assert config.modbus_tcp == ModbusTcpConfig(enabled=False, host="127.0.0.1", port=5020)
     assert config.opcua == OpcUaConfig(enabled=True, endpoint="opc.tcp://127.0.0.1:4841/x", namespace="urn:test",
-                                       certificate_dir=str(tmp_path / "pki"),
-                                       trusted_clients_dir=str(tmp_path / "pki" / "trusted"))
+                                       certificate_dir=str(tmp_path / "state" / "pki"),
+                                       trusted_clients_dir=str(tmp_path / "state" / "pki" / "trusted"))
     assert config.http == HttpConfig(host="::1", port=0)
     assert [m.name for m in config.meters] == ["incomer", "feeder", "pump"]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -125,8 +133,8 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path):
     assert config.stale_after == 10.0
     assert config.modbus_tcp == ModbusTcpConfig(enabled=True, host="0.0.0.0", port=502)
     assert config.opcua == OpcUaConfig(True, "opc.tcp://0.0.0.0:4840/bridge", "urn:modbus-bridge",
-                                       certificate_dir=str(tmp_path / "pki"),
-                                       trusted_clients_dir=str(tmp_path / "pki" / "trusted"))
+                                       certificate_dir=str(tmp_path / "state" / "pki"),
+                                       trusted_clients_dir=str(tmp_path / "state" / "pki" / "trusted"))
     # SecurityPolicy None is never offered unless the configuration lists it
     assert "None" not in config.opcua.security and config.opcua.anonymous
     assert config.http is None
@@ -140,8 +148,8 @@ def test_top_level_stale_after_is_inherited_by_meters(tmp_path):
 def test_empty_sections_take_defaults(tmp_path):
     config = load_config(write(tmp_path, MINIMAL + "modbus_tcp:\nopcua:\nhttp:\n"))
     assert config.modbus_tcp == ModbusTcpConfig()
-    assert config.opcua == OpcUaConfig(certificate_dir=str(tmp_path / "pki"),
-                                       trusted_clients_dir=str(tmp_path / "pki" / "trusted"))
+    assert config.opcua == OpcUaConfig(certificate_dir=str(tmp_path / "state" / "pki"),
+                                       trusted_clients_dir=str(tmp_path / "state" / "pki" / "trusted"))
     assert config.http == HttpConfig()  # present, even empty, switches HTTP on with its defaults
 
 
@@ -192,6 +200,7 @@ def test_summary_names_segments_meters_and_endpoints(tmp_path):
     assert "modbus tcp: off" in text
     assert "opc ua: opc.tcp://127.0.0.1:4841/x (namespace urn:test)" in text
     assert "http: [::1]:0" in text
+    assert f"state directory: {tmp_path / 'state'}" in text
 
 
 # --- file-level errors ------------------------------------------------------------------
@@ -689,3 +698,140 @@ def test_opcua_security_settings(tmp_path):
             """)))
     assert [i.key for i in err.value.issues] == ["opcua.security[0]", "opcua.users[0].password"]
     assert "never a plain password" in err.value.issues[1].message
+
+
+# --- state_dir: the one writable place kept between runs ---------------------------------
+
+
+def test_state_dir_defaults_to_state_next_to_the_config_file(tmp_path):
+    config = load_config(write(tmp_path / "site", MINIMAL))
+    assert config.state_dir == str(tmp_path / "site" / "state")
+    # our certificate lives there by default; trusted clients under it
+    assert config.opcua.certificate_dir == str(tmp_path / "site" / "state" / "pki")
+    assert config.opcua.trusted_clients_dir == str(tmp_path / "site" / "state" / "pki" / "trusted")
+
+
+def test_state_dir_is_absolute_for_a_relative_config_path(tmp_path, monkeypatch):
+    write(tmp_path / "site", MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    config = load_config("site/bridge.yaml")
+    assert config.state_dir == str(tmp_path / "site" / "state")
+    assert config.opcua.certificate_dir == str(tmp_path / "site" / "state" / "pki")
+
+
+@pytest.mark.parametrize("value", ["/var/lib/modbus-bridge", "/var/lib/modbus-bridge:/var/lib/other",
+                                   ":/var/lib/modbus-bridge"])
+def test_state_dir_defaults_to_systemd_state_directory(tmp_path, monkeypatch, value):
+    # systemd's StateDirectory= sets it; several directories come ':'-separated, the first is ours
+    monkeypatch.setenv("STATE_DIRECTORY", value)
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.state_dir == "/var/lib/modbus-bridge"
+    assert config.opcua.certificate_dir == "/var/lib/modbus-bridge/pki"
+
+
+def test_empty_state_directory_variable_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("STATE_DIRECTORY", "")
+    assert load_config(write(tmp_path, MINIMAL)).state_dir == str(tmp_path / "state")
+
+
+@pytest.mark.parametrize("written, expected", [
+    ("var/state", "{base}/var/state"),  # relative: to the configuration file's folder
+    ("../shared/state", "{parent}/shared/state"),
+    ("/srv/bridge-state", "/srv/bridge-state"),
+])
+def test_explicit_state_dir(tmp_path, monkeypatch, written, expected):
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/modbus-bridge")  # the file wins over systemd's default
+    base = tmp_path / "site"
+    config = load_config(write(base, MINIMAL + f"state_dir: {written}\n"))
+    assert config.state_dir == expected.format(base=base, parent=tmp_path)
+    assert config.opcua.certificate_dir == str(Path(config.state_dir) / "pki")
+
+
+def test_explicit_certificate_dir_stays_relative_to_the_config_file(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "state_dir: /srv/state\nopcua:\n  certificate_dir: pki\n"))
+    assert config.state_dir == "/srv/state"
+    assert config.opcua.certificate_dir == str(tmp_path / "pki")
+    assert config.opcua.trusted_clients_dir == str(tmp_path / "pki" / "trusted")
+    config = load_config(write(tmp_path, MINIMAL + "opcua:\n  trusted_clients_dir: clients\n"))
+    assert config.opcua.certificate_dir == str(tmp_path / "state" / "pki")
+    assert config.opcua.trusted_clients_dir == str(tmp_path / "clients")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("42", "expected a string, got 42"),
+    ("['/a', '/b']", "expected a string, got a list"),
+    ("''", "must not be empty"),
+    ("", "expected a string, got nothing (null)"),
+])
+def test_state_dir_of_the_wrong_type(tmp_path, value, message):
+    path = write(tmp_path, MINIMAL + "stale_after: 10\n" + f"state_dir: {value}\n")
+    issue = one_issue(tmp_path, path.read_text())
+    assert (issue.line, issue.key, issue.message) == (7, "state_dir", message)
+    assert str(issue) == f"{path}:7: state_dir: {message}"
+
+
+def test_misspelt_state_dir_is_suggested(tmp_path):
+    issue = one_issue(tmp_path, MINIMAL + "statedir: /srv/state\n")
+    assert (issue.line, issue.key) == (6, "statedir")
+    assert "did you mean 'state_dir'?" in issue.message
+
+
+def test_config_built_in_code_has_no_state_dir():
+    assert Config(segments=()).state_dir == ""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config(segments=()).state_dir = "/tmp"  # type: ignore[misc]
+
+
+# --- bridge.state: making sure the state directory is usable -----------------------------
+
+
+def test_ensure_state_dir_creates_it_with_its_parents(tmp_path):
+    target = tmp_path / "var" / "lib" / "bridge"
+    assert ensure_state_dir(str(target)) == target
+    assert target.is_dir() and list(target.iterdir()) == []  # the write test leaves nothing behind
+    for folder in (tmp_path / "var", tmp_path / "var" / "lib", target):
+        assert stat.S_IMODE(folder.stat().st_mode) & ~0o750 == 0, folder  # never more than 0750
+    assert ensure_state_dir(str(target)) == target  # an existing one is fine, and kept as it is
+    (target / "kept").write_text("x")
+    ensure_state_dir(str(target))
+    assert (target / "kept").read_text() == "x"
+
+
+def _refused(path: str) -> str:
+    with pytest.raises(BridgeError) as info:
+        ensure_state_dir(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_ensure_state_dir_refuses_a_file_in_the_way(tmp_path):
+    (tmp_path / "state").write_text("not a folder")
+    assert _refused(str(tmp_path / "state")) == (
+        f"state_dir {tmp_path / 'state'}: not a folder (a file is in the way); set state_dir to a writable folder")
+    # a file where a parent should be
+    assert _refused(str(tmp_path / "state" / "sub" / "dir")) == (
+        f"state_dir {tmp_path / 'state' / 'sub' / 'dir'}: cannot create ({tmp_path / 'state'} is a file, "
+        "not a folder); set state_dir to a writable folder")
+
+
+def test_ensure_state_dir_refuses_a_folder_it_cannot_write():
+    # the tests run as root, whom permission bits do not stop: /proc refuses even root
+    message = _refused("/proc")
+    assert message.startswith("state_dir /proc: not writable (")
+    assert message.endswith("); set state_dir to a writable folder")
+    message = _refused("/proc/bridge/state")
+    assert message.startswith("state_dir /proc/bridge/state: cannot create (")
+    assert message.endswith("); set state_dir to a writable folder")
+
+
+def test_ensure_state_dir_refuses_an_unset_state_dir():
+    assert _refused("") == "state_dir is not set; set state_dir to a writable folder"
+
+
+def test_state_path_names_a_place_inside_the_state_dir(tmp_path):
+    assert state_path(str(tmp_path), "mqtt", "queue.db") == tmp_path / "mqtt" / "queue.db"
+    assert state_path(str(tmp_path)) == tmp_path
+    assert not (tmp_path / "mqtt").exists()  # naming creates nothing
+    with pytest.raises(BridgeError, match="^state_dir is not set; set state_dir to a writable folder$"):
+        state_path("", "energy.db")

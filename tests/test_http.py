@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import run, until
 
 from bridge.north import http as http_server
 from bridge.app import App
@@ -32,7 +33,7 @@ async def http_of(h):
     if own is not None and hasattr(own, "port"):
         yield own.port
         return
-    server = HttpServer(h.app.config.http or HttpConfig("127.0.0.1", 0), h.app)
+    server = HttpServer(h.app.config.http or HttpConfig("127.0.0.1", 0), h.app.view)
     await server.start()
     try:
         yield server.port
@@ -72,12 +73,6 @@ async def get_json(port: int, path: str = "/status.json") -> dict:
 
 def meter_of(status: dict, name: str) -> dict:
     return next(m for s in status["segments"] for m in s["meters"] if m["name"] == name)
-
-
-async def until(predicate, timeout: float = 5.0, period: float = 0.02) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(period)
 
 
 # ------------------------------------------------------------------ protocol
@@ -154,7 +149,7 @@ async def test_readyz_before_the_servers_listen():
     config = Config((SegmentConfig("s", "/dev/null", meters=(meter,)),),
                     modbus_tcp=ModbusTcpConfig(host="127.0.0.1", port=0), opcua=OpcUaConfig(enabled=False))
     app = App(config)  # never run: nothing listens, nothing polls
-    server = HttpServer(HttpConfig("127.0.0.1", 0), app)
+    server = HttpServer(HttpConfig("127.0.0.1", 0), app.view)
     await server.start()
     try:
         status, _, body = await request(server.port, "/readyz")
@@ -388,19 +383,12 @@ def chromium() -> str:
 
 
 async def run_chromium(url: str, profile: str, *extra: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
+    rc, out, err = await run(
         chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}", "--virtual-time-budget=3000", *extra, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}"
-    return out.decode()
+        f"--user-data-dir={profile}", "--virtual-time-budget=3000", *extra, url, timeout=60)
+    assert rc == 0, f"chromium failed ({rc}): {err[-2000:]}"
+    return out
 
 
 async def test_status_page_in_headless_chromium_shows_live_values_and_a_meter_going_offline(tmp_path):

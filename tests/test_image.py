@@ -4,17 +4,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import f32_bytes, meas
 
-from bridge.core import pdu as P
-from bridge.core.codec import DataType, Function, WordOrder, encode, registers_to_bytes
+from bridge.core.errors import ImageReadError, NoSuchUnit, NotFresh, OutsideImage
+from bridge.core.codec import DataType, Function, WordOrder, registers_to_bytes
 from bridge.core.image import Change, Health, RegisterImage, served_intervals
-from bridge.core.model import MeterConfig, Measurement, Profile, RegisterRange
+from bridge.core.model import MeterConfig, Profile, RegisterRange
 
 FC3, FC4 = 3, 4
-
-
-def meas(name, address, dtype=DataType.FLOAT32, function=Function.INPUT):
-    return Measurement(name, address, dtype, function, WordOrder.BIG)
 
 
 # an SDM120-like input-only meter: voltage@0, current@6, active_power@12 (float32)
@@ -45,10 +42,6 @@ def regs(*values) -> bytes:
     return registers_to_bytes(values)
 
 
-def f32(x: float) -> bytes:
-    return registers_to_bytes(encode(x, DataType.FLOAT32))
-
-
 class Clock:
     def __init__(self, t: float = 1000.0):
         self.t = t
@@ -73,16 +66,16 @@ class Recorder:
         return [(u, h) for c, u, h in self.calls if c is None]
 
 
-def exc_code(image: RegisterImage, unit, function, address, count) -> int:
-    with pytest.raises(P.PduException) as info:
+def read_error(image: RegisterImage, unit, function, address, count) -> type:
+    """Why the image refuses a read (the Modbus TCP side turns each into its exception code)."""
+    with pytest.raises(ImageReadError) as info:
         image.read(unit, function, address, count)
-    assert info.value.function == function
-    return info.value.code
+    return type(info.value)
 
 
 def poll_input_meter(image: RegisterImage, unit: int, volts=230.0, amps=1.5, watts=345.0, stamp=1.7e9) -> None:
     """One complete good poll as the segment does it: 1 block 0..14, then mark_good."""
-    block = f32(volts) + regs(0xAAAA, 0xBBBB, 0xCCCC, 0xDDDD) + f32(amps) + regs(0xEEEE, 0xFFFF, 0x1111, 0x2222) + f32(watts)
+    block = f32_bytes(volts) + regs(0xAAAA, 0xBBBB, 0xCCCC, 0xDDDD) + f32_bytes(amps) + regs(0xEEEE, 0xFFFF, 0x1111, 0x2222) + f32_bytes(watts)
     assert len(block) == 28
     image.store_block(unit, Function.INPUT, 0, block, stamp)
     image.mark_good(unit, stamp)
@@ -119,8 +112,8 @@ def test_units_and_lookup():
 
 def test_read_before_any_poll_is_gateway_target_failed():
     image = RegisterImage([meter(1)])
-    assert exc_code(image, 1, FC4, 0, 2) == P.GATEWAY_TARGET_FAILED
-    assert exc_code(image, 1, FC4, 6, 2) == P.GATEWAY_TARGET_FAILED
+    assert read_error(image, 1, FC4, 0, 2) is NotFresh
+    assert read_error(image, 1, FC4, 6, 2) is NotFresh
 
 
 def test_read_after_store_and_mark_good():
@@ -129,17 +122,17 @@ def test_read_after_store_and_mark_good():
     poll_input_meter(image, 1)
     assert image.health(1) is Health.FRESH
     assert image.read(1, FC4, 0, 2) == bytes.fromhex("4366 0000")
-    assert image.read(1, FC4, 6, 2) == f32(1.5)
-    assert image.read(1, FC4, 12, 2) == f32(345.0)
+    assert image.read(1, FC4, 6, 2) == f32_bytes(1.5)
+    assert image.read(1, FC4, 12, 2) == f32_bytes(345.0)
     assert image.read(1, FC4, 1, 1) == bytes.fromhex("0000")
-    assert image.read(1, FC4, 12, 1) == f32(345.0)[:2]
+    assert image.read(1, FC4, 12, 1) == f32_bytes(345.0)[:2]
 
 
 def test_store_without_mark_good_is_not_served():
     image = RegisterImage([meter(1)], clock=Clock())
-    image.store_block(1, Function.INPUT, 0, f32(230.0), 1.0)
-    assert exc_code(image, 1, FC4, 0, 2) == P.GATEWAY_TARGET_FAILED
-    assert image.value_registers(1, Function.INPUT, 0, 2) == f32(230.0)
+    image.store_block(1, Function.INPUT, 0, f32_bytes(230.0), 1.0)
+    assert read_error(image, 1, FC4, 0, 2) is NotFresh
+    assert image.value_registers(1, Function.INPUT, 0, 2) == f32_bytes(230.0)
 
 
 @pytest.mark.parametrize(
@@ -149,30 +142,30 @@ def test_store_without_mark_good_is_not_served():
 def test_read_touching_unserved_registers_is_illegal_data_address(address, count):
     image = RegisterImage([meter(1)], clock=Clock())
     poll_input_meter(image, 1)
-    assert exc_code(image, 1, FC4, address, count) == P.ILLEGAL_DATA_ADDRESS
+    assert read_error(image, 1, FC4, address, count) is OutsideImage
 
 
 def test_illegal_address_takes_precedence_over_never_read():
     image = RegisterImage([meter(1)])
-    assert exc_code(image, 1, FC4, 2, 2) == P.ILLEGAL_DATA_ADDRESS
-    assert exc_code(image, 1, FC3, 0, 2) == P.ILLEGAL_DATA_ADDRESS
+    assert read_error(image, 1, FC4, 2, 2) is OutsideImage
+    assert read_error(image, 1, FC3, 0, 2) is OutsideImage
 
 
 def test_wrong_function_for_the_table_is_illegal_data_address():
     image = RegisterImage([meter(1), meter(2, HOLDING_PROFILE)], clock=Clock())
     poll_input_meter(image, 1)
-    assert exc_code(image, 1, FC3, 0, 2) == P.ILLEGAL_DATA_ADDRESS  # FC3 on an input-only meter
+    assert read_error(image, 1, FC3, 0, 2) is OutsideImage  # FC3 on an input-only meter
     image.store_block(2, Function.HOLDING, 0x100, regs(1, 2, 3, 4), 1.0)
     image.mark_good(2, 1.0)
     assert image.read(2, FC3, 0x100, 2) == regs(1, 2)
-    assert exc_code(image, 2, FC4, 0x100, 2) == P.ILLEGAL_DATA_ADDRESS
+    assert read_error(image, 2, FC4, 0x100, 2) is OutsideImage
 
 
 @pytest.mark.parametrize("function", [FC3, FC4])
 def test_unknown_unit_is_gateway_path_unavailable(function):
     image = RegisterImage([meter(1)])
-    assert exc_code(image, 2, function, 0, 2) == P.GATEWAY_PATH_UNAVAILABLE
-    assert exc_code(image, 0, function, 0xFFFF, 1) == P.GATEWAY_PATH_UNAVAILABLE
+    assert read_error(image, 2, function, 0, 2) is NoSuchUnit
+    assert read_error(image, 0, function, 0xFFFF, 1) is NoSuchUnit
 
 
 def test_ranges_make_verbatim_registers_readable():
@@ -183,9 +176,9 @@ def test_ranges_make_verbatim_registers_readable():
     assert image.read(2, FC3, 0x200, 8) == regs(*range(10, 18))
     assert image.read(2, FC3, 0x203, 2) == regs(13, 14)
     assert image.read(2, FC3, 0x300, 3) == regs(7, 8, 9)  # the meter's own range
-    assert exc_code(image, 2, FC3, 0x200, 9) == P.ILLEGAL_DATA_ADDRESS
-    assert exc_code(image, 2, FC3, 0x1FF, 2) == P.ILLEGAL_DATA_ADDRESS
-    assert exc_code(image, 2, FC3, 0x303, 1) == P.ILLEGAL_DATA_ADDRESS
+    assert read_error(image, 2, FC3, 0x200, 9) is OutsideImage
+    assert read_error(image, 2, FC3, 0x1FF, 2) is OutsideImage
+    assert read_error(image, 2, FC3, 0x303, 1) is OutsideImage
 
 
 def test_range_adjacent_to_measurements_reads_across_them():
@@ -203,7 +196,7 @@ def test_block_covering_gap_registers_does_not_make_them_readable():
     image = RegisterImage([meter(1)], clock=Clock())
     poll_input_meter(image, 1)
     for address in (2, 3, 4, 5, 8, 9, 10, 11):
-        assert exc_code(image, 1, FC4, address, 1) == P.ILLEGAL_DATA_ADDRESS
+        assert read_error(image, 1, FC4, address, 1) is OutsideImage
     assert image.value_registers(1, Function.INPUT, 2, 1) is None
 
 
@@ -212,8 +205,8 @@ def test_block_partially_overlapping_a_measurement_stores_only_its_part():
     poll_input_meter(image, 1)
     image.store_block(1, Function.INPUT, 5, regs(0x9999, 0x1234), 2.0)  # gap register 5 + first word of current
     image.store_block(1, Function.INPUT, 13, regs(0x5678, 0x9999), 2.0)  # second word of power + register 14
-    assert image.read(1, FC4, 6, 2) == regs(0x1234) + f32(1.5)[2:]
-    assert image.read(1, FC4, 12, 2) == f32(345.0)[:2] + regs(0x5678)
+    assert image.read(1, FC4, 6, 2) == regs(0x1234) + f32_bytes(1.5)[2:]
+    assert image.read(1, FC4, 12, 2) == f32_bytes(345.0)[:2] + regs(0x5678)
 
 
 def test_store_block_for_a_table_the_unit_does_not_serve():
@@ -228,11 +221,11 @@ def test_units_are_independent():
     image = RegisterImage([meter(1), meter(2)], clock=Clock())
     poll_input_meter(image, 1, volts=230.0)
     poll_input_meter(image, 2, volts=240.0)
-    assert image.read(1, FC4, 0, 2) == f32(230.0)
-    assert image.read(2, FC4, 0, 2) == f32(240.0)
+    assert image.read(1, FC4, 0, 2) == f32_bytes(230.0)
+    assert image.read(2, FC4, 0, 2) == f32_bytes(240.0)
     image.mark_failed(2, "gone", offline=True)
-    assert image.read(1, FC4, 0, 2) == f32(230.0)
-    assert exc_code(image, 2, FC4, 0, 2) == P.GATEWAY_TARGET_FAILED
+    assert image.read(1, FC4, 0, 2) == f32_bytes(230.0)
+    assert read_error(image, 2, FC4, 0, 2) is NotFresh
 
 
 @settings(max_examples=100, deadline=None)
@@ -244,7 +237,7 @@ def test_read_succeeds_exactly_inside_served_intervals(address, count):
     if inside:
         assert len(image.read(1, FC4, address, count)) == 2 * count
     else:
-        assert exc_code(image, 1, FC4, address, count) == P.ILLEGAL_DATA_ADDRESS
+        assert read_error(image, 1, FC4, address, count) is OutsideImage
 
 
 # --------------------------------------------------------------- notifications
@@ -254,7 +247,7 @@ def test_store_block_notifies_change_with_unit_function_range():
     image = RegisterImage([meter(7)], clock=clock)
     rec = Recorder()
     image.subscribe(rec)
-    assert image.store_block(7, Function.INPUT, 0, f32(230.0) + regs(0, 0, 0, 0) + f32(1.0), 1.7e9) is True
+    assert image.store_block(7, Function.INPUT, 0, f32_bytes(230.0) + regs(0, 0, 0, 0) + f32_bytes(1.0), 1.7e9) is True
     assert rec.calls == [(Change(7, Function.INPUT, 0, 8, 1.7e9), 7, Health.NEVER_READ)]
 
 
@@ -263,7 +256,7 @@ def test_same_data_again_reports_no_change_and_notifies_nobody():
     poll_input_meter(image, 1)
     rec = Recorder()
     image.subscribe(rec)
-    block = f32(230.0) + regs(0xAAAA, 0xBBBB, 0xCCCC, 0xDDDD) + f32(1.5) + regs(0xEEEE, 0xFFFF, 0x1111, 0x2222) + f32(345.0)
+    block = f32_bytes(230.0) + regs(0xAAAA, 0xBBBB, 0xCCCC, 0xDDDD) + f32_bytes(1.5) + regs(0xEEEE, 0xFFFF, 0x1111, 0x2222) + f32_bytes(345.0)
     assert image.store_block(1, Function.INPUT, 0, block, 2e9) is False
     assert rec.calls == []
 
@@ -273,7 +266,7 @@ def test_change_only_in_gap_registers_is_no_change():
     poll_input_meter(image, 1)
     rec = Recorder()
     image.subscribe(rec)
-    block = f32(230.0) + regs(1, 2, 3, 4) + f32(1.5) + regs(5, 6, 7, 8) + f32(345.0)  # only gaps differ
+    block = f32_bytes(230.0) + regs(1, 2, 3, 4) + f32_bytes(1.5) + regs(5, 6, 7, 8) + f32_bytes(345.0)  # only gaps differ
     assert image.store_block(1, Function.INPUT, 0, block, 2e9) is False
     assert rec.calls == []
 
@@ -294,7 +287,7 @@ def test_every_listener_is_told_of_a_change():
     a, b = Recorder(), Recorder()
     image.subscribe(a)
     image.subscribe(b)
-    assert image.store_block(1, Function.INPUT, 6, f32(2.0), 5.0) is True
+    assert image.store_block(1, Function.INPUT, 6, f32_bytes(2.0), 5.0) is True
     expected = [(Change(1, Function.INPUT, 6, 8, 5.0), 1, Health.FRESH)]
     assert a.calls == expected and b.calls == expected
 
@@ -347,14 +340,14 @@ def test_freshness_with_fake_clock():
 
     t[0] = 104.9
     assert image.health(1) is Health.FRESH
-    assert image.read(1, FC4, 0, 2) == f32(230.0)
+    assert image.read(1, FC4, 0, 2) == f32_bytes(230.0)
     assert image.sweep() == []
 
     t[0] = 105.1  # past stale_after without a good poll
     assert image.health(1) is Health.STALE
-    assert exc_code(image, 1, FC4, 0, 2) == P.GATEWAY_TARGET_FAILED
-    assert exc_code(image, 1, FC4, 2, 2) == P.ILLEGAL_DATA_ADDRESS  # address errors still come first
-    assert image.value_registers(1, Function.INPUT, 0, 2) == f32(230.0)  # last values kept
+    assert read_error(image, 1, FC4, 0, 2) is NotFresh
+    assert read_error(image, 1, FC4, 2, 2) is OutsideImage  # address errors still come first
+    assert image.value_registers(1, Function.INPUT, 0, 2) == f32_bytes(230.0)  # last values kept
     assert image.sweep() == [1]
     assert rec.healths == [(1, Health.FRESH), (1, Health.STALE)]
     assert image.sweep() == []  # reported once
@@ -364,13 +357,13 @@ def test_freshness_with_fake_clock():
 
     image.mark_good(1, 1.8e9)  # fresh again
     assert image.health(1) is Health.FRESH
-    assert image.read(1, FC4, 0, 2) == f32(230.0)
+    assert image.read(1, FC4, 0, 2) == f32_bytes(230.0)
     assert rec.healths[-1] == (1, Health.FRESH)
     assert image.unit(1).last_good == 200.0
 
     image.mark_failed(1, "offline", offline=True)
     assert image.health(1) is Health.OFFLINE
-    assert exc_code(image, 1, FC4, 0, 2) == P.GATEWAY_TARGET_FAILED
+    assert read_error(image, 1, FC4, 0, 2) is NotFresh
     t[0] = 1000.0
     assert image.sweep() == []  # offline is not turned into stale
     assert image.health(1) is Health.OFFLINE
@@ -408,5 +401,5 @@ def test_store_block_notification_carries_current_health():
     rec = Recorder()
     image.subscribe(rec)
     t[0] = 3.0
-    image.store_block(1, Function.INPUT, 0, f32(231.0), 9.0)
+    image.store_block(1, Function.INPUT, 0, f32_bytes(231.0), 9.0)
     assert rec.calls == [(Change(1, Function.INPUT, 0, 2, 9.0), 1, Health.STALE)]

@@ -74,7 +74,7 @@ async def test_sighup_applies_a_new_configuration_and_keeps_clients(tmp_path):
             # add meter m3 to segment b: b restarts, a (and this connection) go on
             path.write_text(config(bus_a.path, bus_b.path, M2 + M3))
             proc.send_signal(signal.SIGHUP)
-            assert "1 segment(s) kept, 1 (re)started" in (await log.until("reload:"))["message"]
+            assert "1 of 2 segment(s) kept" in (await log.until("reload applied"))["message"]
             await fresh(client, 22)
             await fresh(client, 21)
             assert (await client.read(11, 4, 0, 2))[0] == 4  # the same connection, never dropped
@@ -90,7 +90,7 @@ async def test_sighup_applies_a_new_configuration_and_keeps_clients(tmp_path):
             # remove m3 again: its unit is gone
             path.write_text(config(bus_a.path, bus_b.path, M2))
             proc.send_signal(signal.SIGHUP)
-            await log.until("reload:")
+            await log.until("reload applied")
             assert await client.read(22, 4, 0, 2) == b"\x84\x0a"
             assert (await client.read(11, 4, 0, 2))[0] == 4
             await client.close()

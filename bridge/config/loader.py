@@ -147,7 +147,7 @@ OPCUA_SCHEMA: dict[str, Field] = {
     "namespace": Field(text(), "urn:modbus-bridge"),
     "security": Field(list_of(one_of({m: m for m in SECURITY_MODES}, "security mode"), what="security mode"),
                       ["Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign"]),
-    "certificate_dir": Field(text(), "pki"),
+    "certificate_dir": Field(text(), ""),  # "": <state_dir>/pki
     "trusted_clients_dir": Field(text(allow_empty=True), ""),
     "anonymous": Field(boolean(), True),
     "users": Field(list_of(record_of(OPCUA_USER_SCHEMA), what="user", non_empty=False), []),
@@ -163,7 +163,23 @@ TOP_SCHEMA: dict[str, Field] = {
     "modbus_tcp": Field(record_of(MODBUS_TCP_SCHEMA, null_is_empty=True), None),
     "opcua": Field(record_of(OPCUA_SCHEMA, null_is_empty=True), None),
     "http": Field(record_of(HTTP_SCHEMA, null_is_empty=True), None),  # absent: no HTTP server
+    "state_dir": Field(text(), None),  # absent: $STATE_DIRECTORY, else state/ next to the configuration file
 }
+
+STATE_DIRECTORY = "STATE_DIRECTORY"  # set by systemd's StateDirectory=; several paths are ':'-separated
+DEFAULT_STATE_DIR = "state"
+PKI_DIR = "pki"  # the default certificate_dir, under the state directory
+
+
+def _state_dir(value: str | None, base_dir: Path) -> str:
+    """The state directory, absolute: as written (relative: to the configuration file's folder), else
+    the first path in $STATE_DIRECTORY, else ``state/`` next to the configuration file."""
+    if value is None:
+        from_systemd = next((p for p in os.environ.get(STATE_DIRECTORY, "").split(":") if p), "")
+        if from_systemd:
+            return os.path.abspath(from_systemd)
+        value = DEFAULT_STATE_DIR
+    return os.path.abspath(base_dir / value)
 
 
 def load_config(path: str | Path) -> Config:
@@ -328,14 +344,16 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
         return None
     if modbus_tcp is not None and modbus_tcp.consolidated is not None:
         _check_consolidated(modbus_tcp.consolidated, segments, builder.units, v["modbus_tcp"], ctx)
-    opcua = opcua or OpcUaConfig()
-    # certificate directories are relative to the configuration file, like profile paths
-    pki = base_dir / opcua.certificate_dir
+    state_dir = _state_dir(v["state_dir"], base_dir)
+    opcua = opcua or OpcUaConfig(certificate_dir="")
+    # certificate directories written in the file are relative to it, like profile paths;
+    # by default our certificate lives in the state directory
+    pki = base_dir / opcua.certificate_dir if opcua.certificate_dir else Path(state_dir) / PKI_DIR
     opcua = dataclasses.replace(opcua, certificate_dir=str(pki),
                                 trusted_clients_dir=str(base_dir / (opcua.trusted_clients_dir or pki / "trusted")))
     return Config(segments=tuple(segments), stale_after=stale_after,
                   modbus_tcp=modbus_tcp or ModbusTcpConfig(), opcua=opcua,
-                  http=http, source=str(ctx.file))
+                  http=http, source=str(ctx.file), state_dir=state_dir)
 
 
 def _check_consolidated(cmap: ConsolidatedMap, segments: list[SegmentConfig], units: dict[int, tuple[str, int]],
@@ -413,4 +431,5 @@ def summary(config: Config) -> str:
     lines.append(f"modbus tcp: {_hostport(tcp.host, tcp.port) if tcp.enabled else 'off'}")
     lines.append(f"opc ua: {f'{ua.endpoint} (namespace {ua.namespace})' if ua.enabled else 'off'}")
     lines.append(f"http: {_hostport(config.http.host, config.http.port) if config.http else 'off'}")
+    lines.append(f"state directory: {config.state_dir or 'not set'}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.core.codec import DataType, Function, WordOrder
-from bridge.core.errors import BridgeError, ConfigError, ConfigIssue
+from bridge.core.errors import BridgeError, ConfigError, ConfigIssue, UnknownProfile
 from bridge.core.model import MAX_READ_REGISTERS, Measurement, Profile, RegisterRange
 from bridge.config.yamlsource import (
     INVALID,
@@ -86,10 +86,6 @@ PROFILE_SCHEMA: dict[str, Field] = {
     "max_registers_per_read": Field(integer(1, MAX_READ_REGISTERS), MAX_READ_REGISTERS, attr="max_read"),
     "read_gaps": Field(boolean(), True),
 }
-
-
-class UnknownProfile(BridgeError):
-    """A profile reference that is neither a built-in name nor an existing file."""
 
 
 # --- loading -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ same figures without reaching into the serial side.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, fields
 
 # A failed transaction's kind -> the counter it increments
@@ -19,6 +20,11 @@ FAULT_COUNTERS = {
     "wrong_length": "protocol_errors",
     "wrong_echo": "protocol_errors",
 }
+
+
+UTILISATION_WINDOW = 10.0  # seconds of history behind a segment's utilisation
+SAMPLE_PERIOD = 1.0  # seconds between two samples
+UTILISATION_SAMPLES = int(UTILISATION_WINDOW / SAMPLE_PERIOD) + 1
 
 
 @dataclass
@@ -70,7 +76,20 @@ class SegmentDiagnostics(LinkCounters):
     started: float = 0.0  # monotonic time the counters started
     meters: dict[int, MeterDiagnostics] = field(default_factory=dict)  # by unit
 
-    def utilisation(self, since_busy: float, since: float, now: float) -> float:
-        """Busy wire time over elapsed time between two readings (0..1)."""
+    # (monotonic time, busy_time) samples behind ``utilisation``: the last UTILISATION_WINDOW seconds
+    samples: deque = field(default_factory=lambda: deque(maxlen=UTILISATION_SAMPLES))
+
+    def sample(self, now: float) -> None:
+        """Record the busy time now; call about once a second (the App's housekeeping does)."""
+        self.samples.append((now, self.busy_time))
+
+    def utilisation(self, now: float) -> float:
+        """The one definition: busy wire time over elapsed time, across the sampled window (0..1)."""
+        if self.samples:
+            since, since_busy = self.samples[0]
+        elif self.started:
+            since, since_busy = self.started, 0.0
+        else:
+            return 0.0
         elapsed = now - since
         return min(1.0, max(0.0, (self.busy_time - since_busy) / elapsed)) if elapsed > 0 else 0.0

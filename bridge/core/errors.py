@@ -64,3 +64,40 @@ class ExceptionReply(TransactionError):
 
 class PortError(TransactionError):
     """The serial port is gone or failing (unplugged adapter, I/O error)."""
+
+
+class PduException(BridgeError):
+    """A request that must be answered with a Modbus exception (``code``) for ``function``."""
+
+    def __init__(self, function: int, code: int):
+        self.function = function
+        self.code = code
+        super().__init__(f"Modbus exception 0x{code:02X} for function {function}")
+
+    def pdu(self) -> bytes:
+        return bytes(((self.function | 0x80) & 0xFF, self.code))
+
+
+class UnknownProfile(BridgeError):
+    """A profile reference that is neither a built-in name nor an existing file."""
+
+
+class ImageReadError(BridgeError):
+    """A read the register image may not serve; each north side says it in its own terms."""
+
+
+class NoSuchUnit(ImageReadError):
+    def __init__(self, unit: int):
+        self.unit = unit
+        super().__init__(f"no meter has unit id {unit}")
+
+
+class OutsideImage(ImageReadError):
+    def __init__(self, unit: int, address: int, count: int):
+        super().__init__(f"unit {unit}: registers {address}..{address + count - 1} are not in its image")
+
+
+class NotFresh(ImageReadError):
+    def __init__(self, unit: int):
+        self.unit = unit
+        super().__init__(f"unit {unit}: never read, stale or offline")

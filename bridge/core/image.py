@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import bisect
 import enum
-import math
-import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bridge.core.codec import Function
-from bridge.core.diagnostics import MeterDiagnostics, SegmentDiagnostics
-from bridge.core.model import ConsolidatedMap, MeterConfig
-from bridge.core import codec
-from bridge.core import pdu as P
+from bridge.core.diagnostics import MeterDiagnostics
+from bridge.core.errors import NoSuchUnit, NotFresh, OutsideImage
+from bridge.core.model import MeterConfig
 
 
 class Health(enum.Enum):
@@ -28,7 +25,7 @@ class Health(enum.Enum):
     OFFLINE = "offline"  # declared offline by its segment (failures, port lost)
 
 
-def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[tuple[int, int]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -38,7 +35,7 @@ def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-class _Table:
+class RegisterTable:
     """One register table (holding or input) of one unit: maximal intervals of served registers."""
 
     __slots__ = ("starts", "ends", "data")
@@ -83,12 +80,18 @@ class _Table:
 @dataclass
 class UnitImage:
     meter: MeterConfig
-    tables: dict[Function, _Table]
+    tables: dict[Function, RegisterTable]
     health: Health = Health.NEVER_READ
     last_good: float | None = None  # monotonic time of the last fully good poll
     last_good_wall: float | None = None  # the same moment as wall-clock time (for timestamps)
     last_error: str = ""
     diag: MeterDiagnostics = field(default_factory=MeterDiagnostics)  # updated by its segment
+    bus: Hashable = None  # what the meter is read through; a unit read on another bus starts unread
+
+    def read(self, function: int, address: int, count: int) -> bytes | None:
+        """Raw registers regardless of health, or None outside the image."""
+        table = self.tables.get(function)
+        return table.read(address, count) if table is not None else None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class Change:
 
 
 Listener = Callable[[Change | None, int, Health], None]
+ListenerFailed = Callable[[Listener, Exception], None]
 
 
 def served_intervals(meter: MeterConfig) -> dict[Function, list[tuple[int, int]]]:
@@ -112,47 +116,35 @@ def served_intervals(meter: MeterConfig) -> dict[Function, list[tuple[int, int]]
         raw.setdefault(m.function, []).append((m.address, m.end))
     for r in meter.all_ranges:
         raw.setdefault(r.function, []).append((r.start, r.end))
-    return {fn: _merge(iv) for fn, iv in raw.items()}
+    return {fn: merge_intervals(iv) for fn, iv in raw.items()}
 
 
-def _new_unit(meter: MeterConfig) -> UnitImage:
-    return UnitImage(meter, {fn: _Table(iv) for fn, iv in served_intervals(meter).items()})
+def _new_unit(meter: MeterConfig, bus: Hashable = None) -> UnitImage:
+    return UnitImage(meter, {fn: RegisterTable(iv) for fn, iv in served_intervals(meter).items()}, bus=bus)
 
 
 class RegisterImage:
-    def __init__(self, meters: Iterable[MeterConfig], clock: Callable[[], float] = time.monotonic):
-        self._clock = clock
-        self._units: dict[int, UnitImage] = {meter.unit: _new_unit(meter) for meter in meters}
-        self._listeners: list[Listener] = []
-        self.segments: dict[str, SegmentDiagnostics] = {}  # registered by each segment task
-        self._consolidated: _Consolidated | None = None
+    """Every unit's registers; ``on_listener_error`` hears of a listener that raised (it is skipped)."""
 
-    def reconfigure(self, meters: Iterable[MeterConfig], consolidated: ConsolidatedMap | None = None) -> None:
-        """A new configuration: units whose meter is unchanged keep their registers, time and health;
-        new or changed meters start unread; removed ones are gone."""
+    def __init__(self, meters: Iterable[MeterConfig], clock: Callable[[], float] = time.monotonic,
+                 bus: Mapping[int, Hashable] | None = None):
+        self._clock = clock
+        self._units: dict[int, UnitImage] = {m.unit: _new_unit(m, (bus or {}).get(m.unit)) for m in meters}
+        self._listeners: list[Listener] = []
+        self.on_listener_error: ListenerFailed | None = None
+        self.listener_errors = 0
+
+    def reconfigure(self, meters: Iterable[MeterConfig], bus: Mapping[int, Hashable] | None = None) -> None:
+        """A new configuration. A unit keeps its registers, time and health only if its meter and the bus
+        it is read through (``bus[unit]``: segment, port, line settings) are both unchanged: values
+        read on another bus are never served as this one's. New or changed units start unread."""
+        bus = bus or {}
         units = {}
         for meter in meters:
             old = self._units.get(meter.unit)
-            units[meter.unit] = old if old is not None and old.meter == meter else _new_unit(meter)
+            keep = old is not None and old.meter == meter and old.bus == bus.get(meter.unit)
+            units[meter.unit] = old if keep else _new_unit(meter, bus.get(meter.unit))
         self._units = units
-        self._consolidated = None
-        if consolidated is not None:
-            self.add_consolidated(consolidated)
-
-    def unsubscribe(self, listener: Listener) -> None:
-        self._listeners.remove(listener)
-
-    def add_consolidated(self, cmap: ConsolidatedMap) -> None:
-        """Serve every meter's values as float32 under one more unit (meters in configuration order)."""
-        self._consolidated = _Consolidated(cmap, [u.meter for u in self._units.values()])
-        for unit in self._units:
-            self._consolidated.refresh(self, unit)
-
-    def register_segment(self, name: str, units: Iterable[int]) -> SegmentDiagnostics:
-        """The diagnostics record of a segment, linked to its meters' records."""
-        diag = SegmentDiagnostics(meters={u: self._units[u].diag for u in units})
-        self.segments[name] = diag
-        return diag
 
     # ---------------------------------------------------------------- queries
     def units(self) -> list[int]:
@@ -168,66 +160,64 @@ class RegisterImage:
         return u.health
 
     def read(self, unit: int, function: int, address: int, count: int) -> bytes:
-        """Registers for a Modbus TCP read, or PduException with the code SPEC §5 prescribes."""
+        """Registers a client may be served: NoSuchUnit, OutsideImage, or NotFresh when it may not."""
         u = self._units.get(unit)
         if u is None:
-            c = self._consolidated
-            if c is not None and unit == c.cmap.unit and function in P.READ_FUNCTIONS:
-                data = c.table.read(address, count)  # stale meters' values are NaN, never an error
-                if data is None:
-                    raise P.PduException(function, P.ILLEGAL_DATA_ADDRESS)
-                return data
-            raise P.PduException(function, P.GATEWAY_PATH_UNAVAILABLE)
-        table = u.tables.get(Function(function))
-        data = table.read(address, count) if table is not None else None
+            raise NoSuchUnit(unit)
+        data = u.read(function, address, count)
         if data is None:
-            raise P.PduException(function, P.ILLEGAL_DATA_ADDRESS)
+            raise OutsideImage(unit, address, count)
         if self.health(unit) is not Health.FRESH:
-            raise P.PduException(function, P.GATEWAY_TARGET_FAILED)
+            raise NotFresh(unit)
         return data
 
     def value_registers(self, unit: int, function: Function, address: int, count: int) -> bytes | None:
-        """Raw bytes regardless of health (for OPC UA, which reports health as status)."""
-        table = self._units[unit].tables.get(function)
-        return table.read(address, count) if table is not None else None
+        """Raw bytes regardless of health (for sides that report health as a status of their own)."""
+        return self._units[unit].read(function, address, count)
 
     # ---------------------------------------------------------------- updates
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def store_block(self, unit: int, function: Function, address: int, data: bytes, timestamp: float) -> bool:
         """Store one polled block atomically; tell listeners if the served registers changed."""
-        u = self._units[unit]
+        u = self._units.get(unit)
+        if u is None:  # the unit went away in a reload while its poll was in flight
+            return False
         table = u.tables.get(function)
         changed = table.store(address, data) if table is not None else False
         if changed:
-            if self._consolidated is not None:
-                self._consolidated.refresh(self, unit)
-            change = Change(unit, function, address, address + len(data) // 2, timestamp)
-            for listener in self._listeners:
-                listener(change, unit, self.health(unit))
+            self._tell(Change(unit, function, address, address + len(data) // 2, timestamp), unit)
         return changed
 
     def mark_good(self, unit: int, timestamp: float) -> None:
         """A complete poll of the unit succeeded (every block stored)."""
-        u = self._units[unit]
+        u = self._units.get(unit)
+        if u is None:
+            return
         before = self.health(unit)
         u.last_good = self._clock()
         u.last_good_wall = timestamp
         u.health = Health.FRESH
         u.last_error = ""
         if before is not Health.FRESH:
-            self._notify_health(unit)
+            self._tell(None, unit)
 
     def mark_failed(self, unit: int, error: str, offline: bool) -> None:
         """A poll failed; ``offline`` when the segment declares the meter offline."""
-        u = self._units[unit]
+        u = self._units.get(unit)
+        if u is None:
+            return
         before = self.health(unit)
         u.last_error = error
         if offline:
             u.health = Health.OFFLINE
         if self.health(unit) is not before:
-            self._notify_health(unit)
+            self._tell(None, unit)
 
     def sweep(self) -> list[int]:
         """Notify units that went stale by the passing of time; return them. Call periodically."""
@@ -236,46 +226,17 @@ class RegisterImage:
             if u.health is Health.FRESH and self.health(unit) is Health.STALE:
                 u.health = Health.STALE
                 went_stale.append(unit)
-                self._notify_health(unit)
+                self._tell(None, unit)
         return went_stale
 
-    def _notify_health(self, unit: int) -> None:
+    def _tell(self, change: Change | None, unit: int) -> None:
+        """Every listener hears of the change; one that raises is counted and reported, never lets
+        the error reach the segment that stored the block."""
         health = self.health(unit)
-        if self._consolidated is not None:
-            self._consolidated.refresh(self, unit)
-        for listener in self._listeners:
-            listener(None, unit, health)
-
-
-_FLOAT32 = struct.Struct(">f")
-_NAN = _FLOAT32.pack(math.nan)
-
-
-class _Consolidated:
-    """The consolidated unit: meter k, measurement j as float32 at base + k * stride + 2 * j."""
-
-    def __init__(self, cmap: ConsolidatedMap, meters: list[MeterConfig]):
-        self.cmap = cmap
-        self.slots: dict[int, tuple[int, list]] = {}  # unit -> (first register, its measurements)
-        intervals = []
-        for k, meter in enumerate(meters):
-            start = cmap.base + k * cmap.stride
-            self.slots[meter.unit] = (start, [(m, codec.decoder(m.dtype, m.word_order))
-                                              for m in meter.profile.measurements])
-            intervals.append((start, start + 2 * len(meter.profile.measurements)))
-        self.table = _Table(_merge(intervals))
-
-    def refresh(self, image: RegisterImage, unit: int) -> None:
-        start, points = self.slots[unit]
-        fresh = image.health(unit) is Health.FRESH
-        data = bytearray()
-        for m, decode in points:
-            if fresh:
-                value = decode(image.value_registers(unit, m.function, m.address, m.count)) * m.scale
-                try:
-                    data += _FLOAT32.pack(value)
-                except OverflowError:  # beyond float32: say so rather than a wrong number
-                    data += _FLOAT32.pack(math.copysign(math.inf, value))
-            else:
-                data += _NAN
-        self.table.store(start, bytes(data))
+        for listener in list(self._listeners):
+            try:
+                listener(change, unit, health)
+            except Exception as exc:
+                self.listener_errors += 1
+                if self.on_listener_error is not None:
+                    self.on_listener_error(listener, exc)

@@ -147,7 +147,9 @@ class OpcUaConfig:
     namespace: str = "urn:modbus-bridge"
     # SecurityPolicy/mode pairs offered; "None" (no security) only when listed explicitly
     security: tuple[str, ...] = ("Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign")
-    certificate_dir: str = "pki"  # our certificate and key (created on first start); relative: to the config file
+    # our certificate and key (created on first start); relative: to the config file; not in the file:
+    # <state_dir>/pki (load_config resolves both to a path)
+    certificate_dir: str = "pki"
     trusted_clients_dir: str = ""  # client certificates trusted; "": <certificate_dir>/trusted
     anonymous: bool = True  # anonymous sessions (on the offered security policies)
     users: tuple[OpcUaUser, ...] = ()
@@ -167,6 +169,9 @@ class Config:
     opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     http: HttpConfig | None = None  # off when the key is absent
     source: str = ""
+    # the one writable place for what the bridge keeps between runs (OPC UA certificates, MQTT queue and
+    # Sparkplug bdSeq, energy store); absolute after load_config; "": not set (bridge.state refuses it)
+    state_dir: str = ""
 
     @property
     def meters(self) -> tuple[MeterConfig, ...]:

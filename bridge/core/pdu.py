@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from bridge.core.errors import PduException
+
 READ_HOLDING = 3
 READ_INPUT = 4
 WRITE_SINGLE = 6
@@ -50,17 +52,6 @@ class WriteRequest:
 
 
 Request = ReadRequest | WriteRequest
-
-
-@dataclass(frozen=True)
-class PduException(Exception):
-    """A request that must be answered with a Modbus exception."""
-
-    function: int
-    code: int
-
-    def pdu(self) -> bytes:
-        return exception_pdu(self.function, self.code)
 
 
 def exception_pdu(function: int, code: int) -> bytes:

@@ -6,8 +6,9 @@ arrive within ``READ_TIMEOUT``; at most ``MAX_CONNECTIONS`` at once and
 ``MAX_REQUESTS`` per keep-alive connection; anything that is not a well-formed
 request gets 400 and the connection is closed.
 
-Everything served is computed from the app's live state when asked; nothing here
-polls or counts (except the utilisation window, sampled once a second).
+Everything served is computed from the read model (``BridgeView``) when asked; nothing here
+polls or counts. At ``MAX_CONNECTIONS`` a new connection takes the place of the one that has
+waited longest for its request, so a flood of slow connections cannot keep a health check out.
 """
 from __future__ import annotations
 
@@ -16,19 +17,16 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING
 
-from bridge.core import codec
+from bridge.core.errors import BridgeError
 from bridge.core.image import Health
+from bridge.core.model import Config, HttpConfig
 from bridge.north.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bridge.north.metrics import exposition, make_registry
-from bridge.core.model import HttpConfig
-
-if TYPE_CHECKING:
-    from bridge.app import App
+from bridge.north.side import Staged, listen_error
+from bridge.view import BridgeView, NorthStatus
 
 log = logging.getLogger("bridge.http")
 
@@ -38,8 +36,6 @@ READ_TIMEOUT = 10.0  # seconds for a request head to arrive (also the keep-alive
 WRITE_TIMEOUT = 10.0  # seconds for a client to take a response
 MAX_CONNECTIONS = 64
 MAX_REQUESTS = 1000  # per keep-alive connection
-UTILISATION_WINDOW = 10  # seconds of history behind the utilisation figure
-SAMPLE_PERIOD = 1.0
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             503: "Service Unavailable"}
@@ -52,32 +48,6 @@ class _BadRequest(Exception):
     pass
 
 
-class Utilisation:
-    """Busy fraction of each segment's line over the last ``UTILISATION_WINDOW`` seconds."""
-
-    def __init__(self, app: "App"):
-        self.app = app
-        self._samples: dict[str, deque[tuple[float, float]]] = {
-            seg.cfg.name: deque(maxlen=int(UTILISATION_WINDOW / SAMPLE_PERIOD) + 1) for seg in app.segments}
-
-    def sample(self) -> None:
-        now = time.monotonic()
-        for seg in self.app.segments:
-            self._samples[seg.cfg.name].append((now, seg.diag.busy_time))
-
-    def __call__(self, segment: str) -> float:
-        seg = next(s for s in self.app.segments if s.cfg.name == segment)
-        d = seg.diag
-        samples = self._samples.get(segment)
-        if samples:
-            since, since_busy = samples[0]
-        elif d.started:
-            since, since_busy = d.started, 0.0
-        else:
-            return 0.0
-        return d.utilisation(since_busy, since, time.monotonic())
-
-
 def _clean(value: float | int | None) -> float | int | None:
     """A number for JSON: NaN and infinities become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -86,75 +56,95 @@ def _clean(value: float | int | None) -> float | int | None:
 
 
 class HttpServer:
-    """``HttpServer(cfg, app)``; ``await start()``, ``port``, ``await stop()``."""
+    """``HttpServer(config, view)``; ``await start()``, ``port``, ``await stop()``."""
 
-    def __init__(self, cfg: HttpConfig, app: "App"):
-        self.cfg = cfg
-        self.app = app
-        self.utilisation = Utilisation(app)
-        self.registry = make_registry(app, self.utilisation)
+    name = "http"
+
+    def __init__(self, config: Config | HttpConfig, view: BridgeView):
+        self.cfg = config.http if isinstance(config, Config) else config
+        self.view = view
+        self.registry = make_registry(view)
         self._server: asyncio.AbstractServer | None = None
-        self._sampler: asyncio.Task | None = None
-        self._handlers: set[asyncio.Task] = set()
-        self.stats = {"requests": 0, "bad_requests": 0, "refused": 0}
+        self._handlers: dict[asyncio.Task, float | None] = {}  # handler -> since when it waits for a request
+        self.stats = {"requests": 0, "bad_requests": 0, "refused": 0, "evicted": 0}
         self._page = resources.files(__package__).joinpath("static/status.html").read_bytes()
-        # per unit: (measurement, decoder) for the live values on the status page
-        self._points = {m.unit: [(p, codec.decoder(p.dtype, p.word_order)) for p in m.profile.measurements]
-                        for m in app.config.meters}
         self._routes: dict[str, Callable[[], tuple[int, str, bytes, dict[str, str]]]] = {
             "/": self._index,
             "/index.html": self._index,
             "/status.json": self._status_json,
-            "/healthz": lambda: (200, _TEXT, b"ok\n", {}),
+            "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
         }
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port, limit=MAX_HEAD,
-                                                  reuse_address=True)
-        self.utilisation.sample()
-        self._sampler = asyncio.get_running_loop().create_task(self._sample())
+        self._server = await self._listen(self.cfg)
         log.info("HTTP listening on %s:%d", self.cfg.host, self.port)
+
+    async def _listen(self, cfg: HttpConfig) -> asyncio.AbstractServer:
+        try:
+            return await asyncio.start_server(self._handle, cfg.host, cfg.port, limit=MAX_HEAD, reuse_address=True)
+        except OSError as exc:
+            raise BridgeError(listen_error("HTTP", cfg.host, cfg.port, exc)) from None
+
+    async def run(self) -> None:
+        return None  # nothing in the background: every figure is read when asked
+
+    async def stage(self, config: Config) -> Staged:
+        cfg = config.http
+        assert cfg is not None  # the App retires the side when the key goes
+        if (cfg.host, cfg.port) == (self.cfg.host, self.cfg.port):
+            return Staged()
+        new_server = await self._listen(cfg)
+
+        async def commit() -> None:
+            old, self._server, self.cfg = self._server, new_server, cfg
+            if old is not None:
+                old.close()  # connections in progress finish; keep-alive ones end at their next request
+            log.info("HTTP listening on %s:%d", cfg.host, self.port)
+
+        async def abort() -> None:
+            new_server.close()
+        return Staged(commit, abort)
 
     @property
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
+    def status(self) -> NorthStatus:
+        listening = self._server is not None
+        return NorthStatus(self.name, listening,
+                           f"{self.cfg.host}:{self.port if listening else self.cfg.port}",
+                           counters={**self.stats, "connections": len(self._handlers)})
+
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            self._sampler = None
         if self._server is not None:
             self._server.close()
             for task in list(self._handlers):
                 task.cancel()
             if self._handlers:
-                await asyncio.wait(self._handlers, timeout=1.0)
+                await asyncio.wait(list(self._handlers), timeout=1.0)
             await self._server.wait_closed()
             self._server = None
-
-    async def _sample(self) -> None:
-        while True:
-            await asyncio.sleep(SAMPLE_PERIOD)
-            self.utilisation.sample()
 
     # ------------------------------------------------------------ connections
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._handlers) >= MAX_CONNECTIONS:
+        if len(self._handlers) >= MAX_CONNECTIONS and not self._evict():
             self.stats["refused"] += 1
             writer.write(_response(503, _TEXT, b"too many connections\n", {}, keep_alive=False))
             await _close(writer)
             return
-        self._handlers.add(task)
+        self._handlers[task] = time.monotonic()
         try:
             for _ in range(MAX_REQUESTS):
+                self._handlers[task] = time.monotonic()
                 try:
                     async with asyncio.timeout(READ_TIMEOUT):
                         head = await reader.readuntil(b"\r\n\r\n")
+                    self._handlers[task] = None  # answering: not a candidate for eviction
                 except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                     return  # the client went away or went quiet: nothing to answer
                 except (asyncio.LimitOverrunError, ValueError):
@@ -185,8 +175,20 @@ class HttpServer:
         except Exception:
             log.exception("HTTP request failed")
         finally:
-            self._handlers.discard(task)
+            self._handlers.pop(task, None)
             await _close(writer)
+
+    def _evict(self) -> bool:
+        """Make room by closing the connection that has waited longest for a request (a slow or idle
+        client); False if every connection is busy answering."""
+        waiting = [(since, task) for task, since in self._handlers.items() if since is not None]
+        if not waiting:
+            return False
+        _, task = min(waiting, key=lambda w: w[0])
+        self._handlers.pop(task, None)
+        task.cancel()
+        self.stats["evicted"] += 1
+        return True
 
     async def _bad(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str) -> None:
         """Answer 400, then read and drop what the client still sends for a moment before closing, so
@@ -207,81 +209,65 @@ class HttpServer:
     def _index(self):
         return 200, "text/html; charset=utf-8", self._page, {"Content-Security-Policy": _PAGE_CSP}
 
+    def _healthz(self):
+        problems = self.view.problems()
+        if problems:
+            return 503, _TEXT, ("unhealthy: " + "; ".join(problems) + "\n").encode(), {}
+        return 200, _TEXT, b"ok\n", {}
+
     def _readyz(self):
-        missing = self.not_ready()
+        missing = self.view.not_ready()
         if missing:
             return 503, _TEXT, f"not ready: {missing}\n".encode(), {}
         return 200, _TEXT, b"ready\n", {}
-
-    def not_ready(self) -> str:
-        """What holds readiness back, in one line; "" when ready."""
-        missing = []
-        if not self.app.listening.is_set():
-            missing.append("servers not listening yet")
-        waiting = [seg.cfg.name for seg in self.app.segments if not seg.tried_all.is_set()]
-        if waiting:
-            missing.append("segments that have not yet tried each meter: " + ", ".join(waiting))
-        return "; ".join(missing)
 
     def _metrics(self):
         return 200, METRICS_CONTENT_TYPE, exposition(self.registry), {}
 
     def _status_json(self):
-        body = json.dumps(self.status(), allow_nan=False, separators=(",", ":")).encode()
+        body = json.dumps(self.status_document(), allow_nan=False, separators=(",", ":")).encode()
         return 200, "application/json", body, {}
 
-    def status(self) -> dict:
+    def status_document(self) -> dict:
         """What the status page shows: segments, their meters, the meters' live values."""
-        app, image = self.app, self.app.image
         now = time.monotonic()
         segments = []
-        for seg in app.segments:
+        for seg in self.view.segments():
             d = seg.diag
             meters = []
-            for unit, state in seg.meters.items():
-                u = image.unit(unit)
-                health = image.health(unit)
-                values = []
-                for p, decode in self._points[unit]:
-                    value = None
-                    if health is not Health.NEVER_READ:
-                        raw = image.value_registers(unit, p.function, p.address, p.count)
-                        if raw is not None:
-                            value = decode(raw)
-                            if p.scale != 1.0:
-                                value = value * p.scale
-                    values.append({"name": p.name, "value": _clean(value), "unit": p.unit,
-                                   "description": p.description})
-                md = state.diag
+            for mv in seg.meters:
+                health = mv.health
+                md = mv.diag
                 meters.append({
-                    "name": state.meter.name, "unit": unit, "slave": state.meter.slave,
-                    "profile": state.meter.profile.name,
+                    "name": mv.name, "unit": mv.unit, "slave": mv.meter.slave,
+                    "profile": mv.meter.profile.name,
                     "health": health.value, "online": health is Health.FRESH, "demoted": md.demoted,
-                    "last_poll_age": _clean(None if u.last_good is None else round(max(0.0, now - u.last_good), 3)),
-                    "last_poll_time": u.last_good_wall,
-                    "last_error": u.last_error,
+                    "last_poll_age": _clean(None if mv.last_good is None else round(max(0.0, now - mv.last_good), 3)),
+                    "last_poll_time": mv.last_good_wall,
+                    "last_error": mv.last_error,
                     "turnaround": _clean(md.turnaround),
                     "requests": md.requests, "good": md.good, "timeouts": md.timeouts, "errors": md.errors,
-                    "values": values,
+                    "values": [{"name": m.name, "value": _clean(value), "unit": m.unit, "description": m.description}
+                               for m, value in mv.readings()],
                 })
             segments.append({
-                "name": seg.cfg.name, "port": seg.cfg.port, "port_open": d.port_open,
+                "name": seg.name, "port": seg.cfg.port, "port_open": d.port_open,
                 "state": "open" if d.port_open else "lost",
-                "utilisation": _clean(round(self.utilisation(seg.cfg.name), 4)),
+                "utilisation": _clean(round(seg.utilisation(now), 4)),
                 "cycle_time": _clean(d.cycle_time),
                 "requests": d.requests, "good": d.good, "timeouts": d.timeouts, "errors": d.errors,
-                "ready": seg.tried_all.is_set(),
+                "ready": seg.ready,
                 "meters": meters,
             })
         upstream: dict[str, object] = {}
-        if app.modbus is not None:
-            upstream["modbus_tcp"] = {"connections": len(app.modbus.connections),
-                                      "requests": app.modbus.stats.get("requests", 0)}
-        if app.opcua is not None:
-            upstream["opcua"] = {"endpoint": app.config.opcua.endpoint}
-        missing = self.not_ready()
-        return {"time": time.time(), "ready": not missing, "not_ready": missing, "segments": segments,
-                "upstream": upstream}
+        for name, st in self.view.north().items():
+            if name == "http":
+                continue
+            upstream[name] = {"address": st.address, "listening": st.listening,
+                              **{k: v for k, v in st.counters.items() if k in ("connections", "requests", "sessions")}}
+        missing = self.view.not_ready()
+        return {"time": time.time(), "ready": not missing, "not_ready": missing,
+                "healthy": not self.view.problems(), "segments": segments, "upstream": upstream}
 
 
 def _parse(head: bytes) -> tuple[str, str, bool]:

@@ -1,7 +1,7 @@
 """Prometheus metrics: one collector that reads the bridge's diagnostics at scrape time.
 
-Nothing is counted here: every figure already lives in the diagnostics records the
-segments update (``bridge.diagnostics``), the register image and the upstream servers.
+Nothing is counted here: every figure is read from the read model (``bridge.view``): the
+diagnostics records the segments update, the register image, and the north sides' status.
 The collector turns them into metric families when scraped, on a private registry
 (never the global one), together with the standard process and platform collectors.
 """
@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
 from bridge.core.image import Health
-
-if TYPE_CHECKING:
-    from bridge.app import App
+from bridge.view import BridgeView
 
 try:  # the classic text format, which every Prometheus understands
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
@@ -36,6 +33,7 @@ _LINK_COUNTERS = (
     ("crc_errors", "crc_errors", "Replies with a bad CRC"),
     ("retries", "retries", "Requests repeated after a failure"),
     ("late_replies", "late_replies", "Replies that arrived after their request had timed out (dropped)"),
+    ("stray_bytes", "stray_bytes", "Bytes skipped before a good reply (noise or another device's traffic)"),
     ("writes", "writes", "Writes forwarded to meters"),
 )
 # other failed transactions, by kind (label ``kind``)
@@ -56,9 +54,8 @@ def _num(value: float | None) -> float:
 class BridgeCollector:
     """Builds the bridge's metric families from its live state on every scrape."""
 
-    def __init__(self, app: "App", utilisation: Callable[[str], float]):
-        self.app = app
-        self.utilisation = utilisation  # segment name -> recent busy fraction (0..1)
+    def __init__(self, view: BridgeView):
+        self.view = view
 
     def describe(self) -> list[Metric]:
         return []  # families are dynamic; do not collect at registration
@@ -68,6 +65,7 @@ class BridgeCollector:
         yield from self._meters()
         yield from self._modbus_tcp()
         yield from self._opcua()
+        yield from self._parts()
 
     # ------------------------------------------------------------ bus side
     def _segments(self) -> Iterator[Metric]:
@@ -86,8 +84,9 @@ class BridgeCollector:
         port = GaugeMetricFamily(f"{n}_port_open", "1 while the serial port is open", labels=labels)
         tried = GaugeMetricFamily(f"{n}_tried_all", "1 once every meter of the segment was polled once",
                                   labels=labels)
-        for seg in self.app.segments:
-            d, name = seg.diag, seg.cfg.name
+        now = time.monotonic()
+        for seg in self.view.segments():
+            d, name = seg.diag, seg.name
             for attr, fam in counters.items():
                 fam.add_metric([name], getattr(d, attr))
             for kind, attr in _ERROR_KINDS:
@@ -95,9 +94,9 @@ class BridgeCollector:
             losses.add_metric([name], d.port_losses)
             busy.add_metric([name], d.busy_time)
             cycle.add_metric([name], d.cycle_time)
-            util.add_metric([name], self.utilisation(name))
+            util.add_metric([name], seg.utilisation(now))
             port.add_metric([name], 1.0 if d.port_open else 0.0)
-            tried.add_metric([name], 1.0 if seg.tried_all.is_set() else 0.0)
+            tried.add_metric([name], 1.0 if seg.ready else 0.0)
         yield from counters.values()
         yield from (errors, losses, busy, cycle, util, port, tried)
 
@@ -119,23 +118,22 @@ class BridgeCollector:
         turnaround = GaugeMetricFamily(f"{n}_turnaround_seconds",
                                        "Measured time from the end of a request to the start of its reply",
                                        labels=labels)
-        image = self.app.image
         now = time.monotonic()
-        for seg in self.app.segments:
-            for unit, state in seg.meters.items():
-                key = [seg.cfg.name, state.meter.name]
-                d = state.diag
+        for seg in self.view.segments():
+            for mv in seg.meters:
+                key = [seg.name, mv.name]
+                d = mv.diag
                 for attr, fam in counters.items():
                     fam.add_metric(key, getattr(d, attr))
                 for kind, attr in _ERROR_KINDS:
                     errors.add_metric(key + [kind], getattr(d, attr))
                 demotions.add_metric(key, d.demotions)
-                h = image.health(unit)
+                h = mv.health
                 online.add_metric(key, 1.0 if h is Health.FRESH else 0.0)
                 demoted.add_metric(key, 1.0 if d.demoted else 0.0)
                 for state_ in Health:
                     health.add_metric(key + [state_.value], 1.0 if state_ is h else 0.0)
-                last = image.unit(unit).last_good
+                last = mv.last_good
                 age.add_metric(key, math.nan if last is None else max(0.0, now - last))
                 turnaround.add_metric(key, _num(d.turnaround))
         yield from counters.values()
@@ -143,22 +141,22 @@ class BridgeCollector:
 
     # ------------------------------------------------------------ upstream
     def _modbus_tcp(self) -> Iterator[Metric]:
-        server = self.app.modbus
-        if server is None:
+        st = self.view.north().get("modbus_tcp")
+        if st is None:
             return
         n = f"{PREFIX}_modbus_tcp"
-        stats = server.stats
+        stats = st.counters
         conns = GaugeMetricFamily(f"{n}_connections", "Open Modbus TCP connections")
-        conns.add_metric([], len(server.connections))
+        conns.add_metric([], stats.get("connections", 0))
         accepted = CounterMetricFamily(f"{n}_connections_accepted", "Modbus TCP connections accepted")
-        accepted.add_metric([], stats.get("connections", 0))
+        accepted.add_metric([], stats.get("connections_accepted", 0))
         requests = CounterMetricFamily(f"{n}_requests", "Modbus TCP requests received, by function code",
                                        labels=["function"])
-        for function, count in sorted(server.functions.items()):
+        for function, count in sorted(st.by_label.get("function", {}).items()):
             requests.add_metric([str(function)], count)
         exceptions = CounterMetricFamily(f"{n}_exceptions", "Modbus exception replies sent, by exception code",
                                          labels=["code"])
-        for code, count in sorted(server.exceptions.items()):
+        for code, count in sorted(st.by_label.get("exception", {}).items()):
             exceptions.add_metric([str(code)], count)
         refused = CounterMetricFamily(f"{n}_refused_connections", "Modbus TCP connections refused")
         refused.add_metric([], stats.get("refused", 0))
@@ -169,28 +167,36 @@ class BridgeCollector:
         yield from (conns, accepted, requests, exceptions, refused, closed)
 
     def _opcua(self) -> Iterator[Metric]:
-        """Sessions and subscriptions, read from asyncua's internal server (plain dicts, no awaiting)."""
-        opcua = self.app.opcua
-        server = getattr(opcua, "server", None) if opcua is not None else None
-        iserver = getattr(server, "iserver", None)
-        if iserver is None:
+        st = self.view.north().get("opcua")
+        if st is None:
             return
-        sessions = getattr(iserver, "_external_sessions", None)
-        subs = getattr(getattr(iserver, "subscription_service", None), "subscriptions", None)
-        if sessions is not None:
-            fam = GaugeMetricFamily(f"{PREFIX}_opcua_sessions", "Open OPC UA sessions")
-            fam.add_metric([], len(sessions))
-            yield fam
-        if subs is not None:
-            fam = GaugeMetricFamily(f"{PREFIX}_opcua_subscriptions", "OPC UA subscriptions")
-            fam.add_metric([], len(subs))
-            yield fam
+        for key, name, doc in (("sessions", "sessions", "Open OPC UA sessions"),
+                               ("subscriptions", "subscriptions", "OPC UA subscriptions")):
+            if key in st.counters:
+                fam = GaugeMetricFamily(f"{PREFIX}_opcua_{name}", doc)
+                fam.add_metric([], st.counters[key])
+                yield fam
+
+    def _parts(self) -> Iterator[Metric]:
+        listening = GaugeMetricFamily(f"{PREFIX}_listening", "1 while the north side listens", labels=["side"])
+        for name, st in self.view.north().items():
+            listening.add_metric([name], 1.0 if st.listening else 0.0)
+        failures = GaugeMetricFamily(f"{PREFIX}_part_recent_failures",
+                                     "Unexpected failures of a supervised part among its last restarts",
+                                     labels=["part"])
+        for part in self.view.parts.values():
+            failures.add_metric([part.name], len(part.failures))
+        healthy = GaugeMetricFamily(f"{PREFIX}_healthy", "1 while no part is stopped or failing in a loop")
+        healthy.add_metric([], 0.0 if self.view.problems() else 1.0)
+        ready = GaugeMetricFamily(f"{PREFIX}_ready", "1 while the bridge is ready (as /readyz)")
+        ready.add_metric([], 0.0 if self.view.not_ready() else 1.0)
+        yield from (listening, failures, healthy, ready)
 
 
-def make_registry(app: "App", utilisation: Callable[[str], float]) -> CollectorRegistry:
+def make_registry(view: BridgeView) -> CollectorRegistry:
     """A private registry: the bridge's collector plus the process and platform collectors."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BridgeCollector(app, utilisation))
+    registry.register(BridgeCollector(view))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

@@ -16,14 +16,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
+import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from bridge.core import mbap
 from bridge.core import pdu as P
-from bridge.core.errors import ExceptionReply, ProtocolError, TransactionError
-from bridge.core.image import RegisterImage
-from bridge.core.model import ModbusTcpConfig
+from bridge.core.errors import (BridgeError, ExceptionReply, NoSuchUnit, NotFresh, OutsideImage, ProtocolError,
+                                TransactionError)
+from bridge.core.image import Change, Health, RegisterImage, RegisterTable, merge_intervals
+from bridge.core.model import Config, ConsolidatedMap, MeterConfig, ModbusTcpConfig
+from bridge.north.side import Staged, listen_error
+from bridge.view import NorthStatus
 
 log = logging.getLogger("bridge.modbus_tcp")
 
@@ -36,31 +41,72 @@ CHECK_PERIOD = 1.0  # seconds between checks of idle and slow connections
 
 
 class ModbusTcpServer:
+    """``ModbusTcpServer(image, write_router, cfg, meters)``: the meters are needed only for the
+    consolidated unit (their order is its layout)."""
+
+    name = "modbus_tcp"
+
     def __init__(self, image: RegisterImage, write_router: WriteRouter | None = None,
-                 cfg: ModbusTcpConfig | None = None):
+                 cfg: ModbusTcpConfig | None = None, meters: Sequence[MeterConfig] = ()):
         self.image = image
         self.write_router = write_router
         self.cfg = cfg or ModbusTcpConfig()
         self._allow = [ipaddress.ip_network(n) for n in self.cfg.allow]
         self._server: asyncio.AbstractServer | None = None
-        self._janitor: asyncio.Task | None = None
+        self._generation = 0  # of the listener; a moved listener's connections are closed
+        self.consolidated: Consolidated | None = None
+        self._set_consolidated(self.cfg.consolidated, meters)
         self.connections: set[_Connection] = set()
-        self.stats = {"requests": 0, "connections": 0, "refused": 0, "closed_bad_frame": 0, "closed_idle": 0,
+        self.stats = {"requests": 0, "connections_accepted": 0, "refused": 0, "closed_bad_frame": 0, "closed_idle": 0,
                       "closed_slow": 0}
         self.exceptions: dict[int, int] = {}  # exception code -> count
         self.functions: dict[int, int] = {}  # function code -> requests
 
-    def reconfigure(self, cfg: ModbusTcpConfig) -> None:
-        """New limits and allowlist for new connections and requests (the listener stays as it is)."""
-        self.cfg = cfg
-        self._allow = [ipaddress.ip_network(n) for n in cfg.allow]
-
+    # ------------------------------------------------------------- lifecycle
     async def start(self, host: str | None = None, port: int | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        host = self.cfg.host if host is None else host
-        port = self.cfg.port if port is None else port
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
-        self._janitor = loop.create_task(self._sweep())
+        self._server = await self._listen(self.cfg.host if host is None else host,
+                                          self.cfg.port if port is None else port)
+        log.info("Modbus TCP listening on %s:%d", self.cfg.host, self.port)
+
+    async def _listen(self, host: str, port: int) -> asyncio.AbstractServer:
+        generation = self._generation + 1
+        try:
+            return await asyncio.get_running_loop().create_server(
+                lambda: _Connection(self, generation), host, port, reuse_address=True)
+        except OSError as exc:
+            raise BridgeError(listen_error("Modbus TCP", host, port, exc)) from None
+
+    async def stage(self, config: Config) -> Staged:
+        """New limits, allowlist and consolidated layout; a moved listener is bound here, first."""
+        cfg = config.modbus_tcp
+        new_server = None
+        if (cfg.host, cfg.port) != (self.cfg.host, self.cfg.port):
+            new_server = await self._listen(cfg.host, cfg.port)
+
+        async def commit() -> None:
+            if new_server is not None:
+                old, self._server = self._server, new_server
+                self._generation += 1
+                if old is not None:
+                    old.close()
+                for conn in [c for c in self.connections if c.generation != self._generation]:
+                    conn.close("the Modbus TCP listener moved (reload)")
+                log.info("Modbus TCP listening on %s:%d", cfg.host, self.port)
+            self.cfg = cfg
+            self._allow = [ipaddress.ip_network(n) for n in cfg.allow]
+            self._set_consolidated(cfg.consolidated, config.meters)
+
+        async def abort() -> None:
+            if new_server is not None:
+                new_server.close()
+        return Staged(commit, abort)
+
+    def _set_consolidated(self, cmap: ConsolidatedMap | None, meters: Sequence[MeterConfig]) -> None:
+        if self.consolidated is not None:
+            self.image.unsubscribe(self.consolidated.listener)
+        self.consolidated = Consolidated(cmap, meters, self.image) if cmap is not None else None
+        if self.consolidated is not None:
+            self.image.subscribe(self.consolidated.listener)
 
     @property
     def port(self) -> int:
@@ -68,14 +114,22 @@ class ModbusTcpServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        if self._janitor is not None:
-            self._janitor.cancel()
+        if self.consolidated is not None:
+            self.image.unsubscribe(self.consolidated.listener)
         if self._server is not None:
             self._server.close()
             for conn in list(self.connections):
                 conn.close()
             await self._server.wait_closed()
             self._server = None
+
+    def status(self) -> NorthStatus:
+        listening = self._server is not None
+        return NorthStatus(
+            self.name, listening, f"{self.cfg.host}:{self.port}" if listening else f"{self.cfg.host}:{self.cfg.port}",
+            counters={**self.stats, "connections": len(self.connections)},
+            by_label={"function": dict(self.functions), "exception": dict(self.exceptions)},
+        )
 
     def admit(self, conn: _Connection, peer: tuple | None) -> str | None:
         """Why a new connection is refused, or None to accept it."""
@@ -90,7 +144,7 @@ class ModbusTcpServer:
             return f"already {len(self.connections)} connections (modbus_tcp.max_connections)"
         return None
 
-    async def _sweep(self) -> None:
+    async def run(self) -> None:
         """Close connections that went idle, or that started a request and never finished it."""
         while True:
             await asyncio.sleep(CHECK_PERIOD)
@@ -114,8 +168,7 @@ class ModbusTcpServer:
             if unit in BROADCAST_UNITS:  # a gateway never fans a request out to every meter
                 raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE)
             if isinstance(request, P.ReadRequest):
-                data = self.image.read(unit, request.function, request.address, request.count)
-                return P.read_response_pdu(request.function, data)
+                return P.read_response_pdu(request.function, self.read(unit, request))
             u = self.image.unit(unit)
             if u is None:
                 raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE)
@@ -130,6 +183,23 @@ class ModbusTcpServer:
             self.exceptions[exc.code] = self.exceptions.get(exc.code, 0) + 1
             return exc.pdu()
 
+    def read(self, unit: int, request: P.ReadRequest) -> bytes:
+        """Registers for a read, or the PduException the contract prescribes for why not."""
+        try:
+            return self.image.read(unit, request.function, request.address, request.count)
+        except NoSuchUnit:
+            c = self.consolidated
+            if c is not None and unit == c.cmap.unit:
+                data = c.table.read(request.address, request.count)  # a stale meter is NaN, never an error
+                if data is not None:
+                    return data
+                raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS) from None
+            raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE) from None
+        except OutsideImage:
+            raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS) from None
+        except NotFresh:  # never read yet, stale or offline
+            raise P.PduException(request.function, P.GATEWAY_TARGET_FAILED) from None
+
     async def write(self, unit: int, request: P.WriteRequest) -> bytes:
         assert self.write_router is not None
         try:
@@ -142,8 +212,9 @@ class ModbusTcpServer:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, server: ModbusTcpServer):
+    def __init__(self, server: ModbusTcpServer, generation: int):
         self.server = server
+        self.generation = generation  # of the listener that accepted it
         self.transport: asyncio.Transport | None = None
         self.peer = None
         self.buf = bytearray()
@@ -162,7 +233,7 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         self.server.connections.add(self)
-        self.server.stats["connections"] += 1
+        self.server.stats["connections_accepted"] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -242,3 +313,45 @@ class _Connection(asyncio.Protocol):
 
 def _who(peer) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+_FLOAT32 = struct.Struct(">f")
+_NAN = _FLOAT32.pack(math.nan)
+
+
+class Consolidated:
+    """The consolidated unit: meter k, measurement j as float32 at base + k * stride + 2 * j, NaN while
+    a meter is not fresh. Kept up to date as an image listener."""
+
+    def __init__(self, cmap: ConsolidatedMap, meters: Sequence[MeterConfig], image: RegisterImage):
+        self.cmap = cmap
+        self.image = image
+        self.slots: dict[int, tuple[int, MeterConfig]] = {}  # unit -> (first register, meter)
+        intervals = []
+        for k, meter in enumerate(meters):
+            start = cmap.base + k * cmap.stride
+            self.slots[meter.unit] = (start, meter)
+            intervals.append((start, start + 2 * len(meter.profile.measurements)))
+        self.table = RegisterTable(merge_intervals(intervals))
+        for unit in self.slots:
+            self.refresh(unit)
+
+    def listener(self, change: Change | None, unit: int, health: Health) -> None:
+        if unit in self.slots:
+            self.refresh(unit)
+
+    def refresh(self, unit: int) -> None:
+        start, meter = self.slots[unit]
+        u = self.image.unit(unit)
+        fresh = u is not None and u.meter == meter and self.image.health(unit) is Health.FRESH
+        data = bytearray()
+        for m in meter.profile.measurements:
+            if fresh:
+                value = m.value(u.read(m.function, m.address, m.count))
+                try:
+                    data += _FLOAT32.pack(value)
+                except OverflowError:  # beyond float32: say so rather than a wrong number
+                    data += _FLOAT32.pack(math.copysign(math.inf, value))
+            else:
+                data += _NAN
+        self.table.store(start, bytes(data))

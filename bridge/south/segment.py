@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from bridge.core import pdu as P
 from bridge.core import rtu
 from bridge.core.codec import Function
-from bridge.core.diagnostics import MeterDiagnostics
+from bridge.core.diagnostics import MeterDiagnostics, SegmentDiagnostics
 from bridge.core.errors import BadReply, ExceptionReply, PortError, ReplyTimeout, TransactionError
 from bridge.core.image import RegisterImage
 from bridge.core.model import MeterConfig, SegmentConfig
@@ -35,6 +35,11 @@ TURNAROUND_WEIGHT = 0.2  # weight of a new sample in the moving average of a met
 REPLAN_CHANGE = 0.25  # replan a meter when its turnaround moved by this fraction (and a character)
 
 LinkFactory = Callable[[SegmentConfig], SerialLink]
+
+
+def bus_key(cfg: SegmentConfig) -> tuple:
+    """What a meter's values depend on besides the meter itself: a change means it is read anew."""
+    return (cfg.name, cfg.port, cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
 
 
 def open_link(cfg: SegmentConfig) -> SerialLink:
@@ -64,7 +69,7 @@ class Segment:
         self.image = image
         self._link_factory = link_factory
         self._link: SerialLink | None = None
-        self.diag = image.register_segment(cfg.name, [m.unit for m in cfg.meters])
+        self.diag = SegmentDiagnostics(meters={m.unit: image.unit(m.unit).diag for m in cfg.meters})
         self.meters = {
             m.unit: MeterState(m, self.diag.meters[m.unit], plan_meter(m)) for m in cfg.meters
         }
@@ -74,6 +79,11 @@ class Segment:
         self._master: RtuMaster | None = None  # per open port
         self._stopping = False
         self.tried_all = asyncio.Event()  # every meter polled at least once (readiness)
+
+    @property
+    def ready(self) -> bool:
+        """Every meter has been tried once (an offline meter or an absent port does not hold it back)."""
+        return self.tried_all.is_set()
 
     # ------------------------------------------------------------ public API
     async def submit_write(self, unit: int, request: P.WriteRequest) -> bytes:
