@@ -102,8 +102,20 @@ def _slave_set(text: str) -> list[int]:
     return sorted(slaves)
 
 
+# SIGINT/SIGTERM that arrive while a long-running command is still starting (imports, loading the
+# configuration, binding): remembered here and honoured as a clean stop once the event loop runs
+_EARLY_STOP: list[int] = []
+
+
+def _catch_early_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: _EARLY_STOP.append(signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "demo"):
+        _catch_early_signals()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if args.log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
@@ -152,6 +164,8 @@ def _serve(make: Callable[[asyncio.Event], Awaitable[None]]) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if _EARLY_STOP:
+            stop.set()
         task = asyncio.create_task(make(stop))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -8,7 +8,8 @@ from support import f32_bytes, meas
 
 from bridge.core.errors import ImageReadError, NoSuchUnit, NotFresh, OutsideImage
 from bridge.core.codec import DataType, Function, WordOrder, registers_to_bytes
-from bridge.core.image import Change, Health, RegisterImage, served_intervals
+from bridge.core.image import Change, Health, RegisterImage
+from bridge.core.model import served_intervals
 from bridge.core.model import MeterConfig, Profile, RegisterRange
 
 FC3, FC4 = 3, 4

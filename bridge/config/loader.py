@@ -74,13 +74,18 @@ def _endpoint(value: Any) -> str:
 
 LISTEN = scalar(_listen)
 
+
+def _default(cls: type, name: str) -> Any:
+    """A key's default is its configuration object's: each default is written once, in the model."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
 METER_SCHEMA: dict[str, Field] = {
     "name": Field(text(NAME, NAME_HINT)),
     "slave": Field(integer(1, 247)),
     "unit": Field(integer(1, 247), None),  # None: the slave address
     "profile": Field(text()),  # resolved to a Profile after checking
-    "poll_interval": Field(number(ge=0), 1.0),
-    "writable": Field(boolean(), False),
+    "poll_interval": Field(number(ge=0), _default(MeterConfig, "poll_interval")),
+    "writable": Field(boolean(), _default(MeterConfig, "writable")),
     "ranges": Field(RANGES, []),
     "write_ranges": Field(RANGES, []),  # holding registers upstream writes may touch (needs writable)
     "stale_after": Field(number(gt=0), None),  # None: the bridge-wide value
@@ -89,13 +94,13 @@ METER_SCHEMA: dict[str, Field] = {
 SEGMENT_SCHEMA: dict[str, Field] = {
     "name": Field(text(NAME, NAME_HINT)),
     "port": Field(text()),
-    "baudrate": Field(integer(1), 9600),
-    "parity": Field(one_of({"N": "N", "E": "E", "O": "O"}, "parity"), "N"),
-    "stopbits": Field(one_of({1: 1, 2: 2}, "stopbits"), 1),
-    "timeout": Field(number(gt=0), 0.5),
-    "retries": Field(integer(0), 1),
-    "demote_after": Field(integer(1), 3),
-    "demote_interval": Field(number(gt=0), 10.0),
+    "baudrate": Field(integer(1), _default(SegmentConfig, "baudrate")),
+    "parity": Field(one_of({"N": "N", "E": "E", "O": "O"}, "parity"), _default(SegmentConfig, "parity")),
+    "stopbits": Field(one_of({1: 1, 2: 2}, "stopbits"), _default(SegmentConfig, "stopbits")),
+    "timeout": Field(number(gt=0), _default(SegmentConfig, "timeout")),
+    "retries": Field(integer(0), _default(SegmentConfig, "retries")),
+    "demote_after": Field(integer(1), _default(SegmentConfig, "demote_after")),
+    "demote_interval": Field(number(gt=0), _default(SegmentConfig, "demote_interval")),
     "meters": Field(list_of(record_of(METER_SCHEMA), what="meter")),
 }
 
@@ -112,17 +117,17 @@ def _network(value: Any) -> str:
 
 CONSOLIDATED_SCHEMA: dict[str, Field] = {
     "unit": Field(integer(1, 247)),
-    "base": Field(integer(0, 65535), 0),
-    "stride": Field(integer(2, 65535), 100),
+    "base": Field(integer(0, 65535), _default(ConsolidatedMap, "base")),
+    "stride": Field(integer(2, 65535), _default(ConsolidatedMap, "stride")),
 }
 
 MODBUS_TCP_SCHEMA: dict[str, Field] = {
-    "enabled": Field(boolean(), True),
-    "listen": Field(LISTEN, ("0.0.0.0", 502)),
-    "max_connections": Field(integer(1, 10000), 64),
-    "idle_timeout": Field(number(gt=0), 300.0),
-    "frame_timeout": Field(number(gt=0), 5.0),
-    "max_pending": Field(integer(1, 1000), 16),
+    "enabled": Field(boolean(), _default(ModbusTcpConfig, "enabled")),
+    "listen": Field(LISTEN, (_default(ModbusTcpConfig, "host"), _default(ModbusTcpConfig, "port"))),
+    "max_connections": Field(integer(1, 10000), _default(ModbusTcpConfig, "max_connections")),
+    "idle_timeout": Field(number(gt=0), _default(ModbusTcpConfig, "idle_timeout")),
+    "frame_timeout": Field(number(gt=0), _default(ModbusTcpConfig, "frame_timeout")),
+    "max_pending": Field(integer(1, 1000), _default(ModbusTcpConfig, "max_pending")),
     "allow": Field(list_of(scalar(_network), what="address", non_empty=False), []),
     "consolidated": Field(record_of(CONSOLIDATED_SCHEMA), None),
 }
@@ -142,24 +147,24 @@ OPCUA_USER_SCHEMA: dict[str, Field] = {
 }
 
 OPCUA_SCHEMA: dict[str, Field] = {
-    "enabled": Field(boolean(), True),
-    "endpoint": Field(scalar(_endpoint), "opc.tcp://0.0.0.0:4840/bridge"),
-    "namespace": Field(text(), "urn:modbus-bridge"),
+    "enabled": Field(boolean(), _default(OpcUaConfig, "enabled")),
+    "endpoint": Field(scalar(_endpoint), _default(OpcUaConfig, "endpoint")),
+    "namespace": Field(text(), _default(OpcUaConfig, "namespace")),
     "security": Field(list_of(one_of({m: m for m in SECURITY_MODES}, "security mode"), what="security mode"),
-                      ["Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign"]),
+                      list(_default(OpcUaConfig, "security"))),
     "certificate_dir": Field(text(), ""),  # "": <state_dir>/pki
     "trusted_clients_dir": Field(text(allow_empty=True), ""),
-    "anonymous": Field(boolean(), True),
+    "anonymous": Field(boolean(), _default(OpcUaConfig, "anonymous")),
     "users": Field(list_of(record_of(OPCUA_USER_SCHEMA), what="user", non_empty=False), []),
 }
 
 HTTP_SCHEMA: dict[str, Field] = {
-    "listen": Field(LISTEN, ("127.0.0.1", 8080)),
+    "listen": Field(LISTEN, (_default(HttpConfig, "host"), _default(HttpConfig, "port"))),
 }
 
 TOP_SCHEMA: dict[str, Field] = {
     "segments": Field(list_of(record_of(SEGMENT_SCHEMA), what="segment")),
-    "stale_after": Field(number(gt=0), 10.0),
+    "stale_after": Field(number(gt=0), _default(Config, "stale_after")),
     "modbus_tcp": Field(record_of(MODBUS_TCP_SCHEMA, null_is_empty=True), None),
     "opcua": Field(record_of(OPCUA_SCHEMA, null_is_empty=True), None),
     "http": Field(record_of(HTTP_SCHEMA, null_is_empty=True), None),  # absent: no HTTP server

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from bridge.core.codec import Function
 from bridge.core.diagnostics import MeterDiagnostics
 from bridge.core.errors import NoSuchUnit, NotFresh, OutsideImage
-from bridge.core.model import MeterConfig
+from bridge.core.model import MeterConfig, merge_intervals, served_intervals
 
 
 class Health(enum.Enum):
@@ -23,16 +23,6 @@ class Health(enum.Enum):
     FRESH = "fresh"  # last good poll within stale_after
     STALE = "stale"  # no good poll for stale_after; last values kept
     OFFLINE = "offline"  # declared offline by its segment (failures, port lost)
-
-
-def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
 
 
 class RegisterTable:
@@ -107,16 +97,6 @@ class Change:
 
 Listener = Callable[[Change | None, int, Health], None]
 ListenerFailed = Callable[[Listener, Exception], None]
-
-
-def served_intervals(meter: MeterConfig) -> dict[Function, list[tuple[int, int]]]:
-    """The registers a unit serves, per table: its measurements and mirrored ranges, merged."""
-    raw: dict[Function, list[tuple[int, int]]] = {}
-    for m in meter.profile.measurements:
-        raw.setdefault(m.function, []).append((m.address, m.end))
-    for r in meter.all_ranges:
-        raw.setdefault(r.function, []).append((r.start, r.end))
-    return {fn: merge_intervals(iv) for fn, iv in raw.items()}
 
 
 def _new_unit(meter: MeterConfig, bus: Hashable = None) -> UnitImage:

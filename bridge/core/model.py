@@ -6,12 +6,14 @@ the bridge consumes only these objects.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bridge.core import codec
 from bridge.core.codec import DataType, Function, WordOrder
+from bridge.core.pdu import MAX_READ
 
-MAX_READ_REGISTERS = 125  # Modbus limit for FC3/FC4
+MAX_READ_REGISTERS = MAX_READ  # Modbus limit for FC3/FC4 (the protocol says it: pdu)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,26 @@ class MeterConfig:
     @property
     def all_ranges(self) -> tuple[RegisterRange, ...]:
         return self.profile.ranges + self.ranges
+
+
+def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def served_intervals(meter: MeterConfig) -> dict[Function, list[tuple[int, int]]]:
+    """The registers a unit serves, per table: its measurements and mirrored ranges, merged."""
+    raw: dict[Function, list[tuple[int, int]]] = {}
+    for m in meter.profile.measurements:
+        raw.setdefault(m.function, []).append((m.address, m.end))
+    for r in meter.all_ranges:
+        raw.setdefault(r.function, []).append((r.start, r.end))
+    return {fn: merge_intervals(iv) for fn, iv in raw.items()}
 
 
 @dataclass(frozen=True)

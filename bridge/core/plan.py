@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bridge.core.codec import Function
-from bridge.core.image import served_intervals
-from bridge.core.model import MAX_READ_REGISTERS, MeterConfig
+from bridge.core.model import MAX_READ_REGISTERS, MeterConfig, served_intervals
 
 REQUEST_CHARS = 8  # slave, function, address(2), count(2), CRC(2)
 REPLY_HEADER_CHARS = 5  # slave, function, byte count, CRC(2)

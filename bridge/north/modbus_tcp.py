@@ -25,8 +25,8 @@ from bridge.core import mbap
 from bridge.core import pdu as P
 from bridge.core.errors import (BridgeError, ExceptionReply, NoSuchUnit, NotFresh, OutsideImage, ProtocolError,
                                 TransactionError)
-from bridge.core.image import Change, Health, RegisterImage, RegisterTable, merge_intervals
-from bridge.core.model import Config, ConsolidatedMap, MeterConfig, ModbusTcpConfig
+from bridge.core.image import Change, Health, RegisterImage, RegisterTable
+from bridge.core.model import Config, ConsolidatedMap, MeterConfig, ModbusTcpConfig, merge_intervals
 from bridge.north.side import Staged, listen_error
 from bridge.view import NorthStatus
 

@@ -16,6 +16,7 @@ A side is built from the configuration and the read model (``BridgeView``), neve
 """
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ def listen_error(side: str, host: str, port: int, exc: OSError) -> str:
     """One line naming the side, host and port a listener could not bind, and why."""
     if isinstance(exc, socket.gaierror):
         reason = f"cannot resolve host name {host!r} ({exc.strerror})"
+    elif exc.errno:  # asyncio's own wording repeats the address: the system's says it plainly
+        reason = os.strerror(exc.errno)
     else:
         reason = exc.strerror or str(exc)
     return f"{side}: cannot listen on {host}:{port}: {reason}"
