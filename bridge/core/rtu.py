@@ -184,3 +184,32 @@ def decode_request(buf: bytes | bytearray) -> tuple[int, tuple[int, bytes] | Non
         if length and crc_ok(rest[:length]):
             return start + length, (rest[0], bytes(rest[1:length - 2]))
         start += 1
+
+
+# --- the master's timing decisions, as pure functions of the clock (tested with made-up times) ----
+
+def reply_over_at(deadline: float, last_rx: float | None, crc_errors: bool, pending: bool,
+                  silence: float, quiet_gap: float) -> float:
+    """When to stop waiting for a reply. Nothing received (``last_rx`` None): at the deadline. Bytes
+    that formed no reply yet: once the line has been quiet for ``quiet_gap`` (which covers USB
+    adapters' latency timers), or for only two silences after a whole frame of the awaited length
+    with a bad CRC (``crc_errors`` and nothing ``pending``); never after the deadline."""
+    if last_rx is None:
+        return deadline
+    gap = 2 * silence if crc_errors and not pending else quiet_gap
+    return min(deadline, last_rx + gap)
+
+
+def line_free_after_failure(now: float, request: P.Request, got_nothing: bool, char: float,
+                            silence: float) -> float:
+    """When the next frame may start after a failed transaction. After a timeout the reply may
+    still be on its way: the line is held for the longest possible reply, so that a late reply is
+    dropped rather than taken for the answer to the next request."""
+    hold = max_reply_length(request) * char if got_nothing else 0.0
+    return now + hold + silence
+
+
+def turnaround_estimate(sent: float, first_rx: float, first_rx_len: int, request_len: int, char: float) -> float:
+    """Seconds from the end of our request to the reply's first byte: ``first_rx`` is when the first
+    chunk of ``first_rx_len`` bytes was read, so it began ``first_rx_len`` characters earlier."""
+    return max(0.0, first_rx - first_rx_len * char - sent - request_len * char)

@@ -65,11 +65,8 @@ class RtuMaster:
             if scan.pdu is not None:
                 break
             now = time.monotonic()
-            # bytes came but formed no reply, and the line has gone quiet: that answer is over.
-            # A whole frame of the awaited length with a bad CRC is over after two silences;
-            # anything else gets the longer gap that covers USB adapters' latency timers.
-            gap = 2 * self.silence if scan.crc_errors and not scan.pending else self.quiet_gap
-            wake = min(deadline, link.last_rx + gap) if link.buffer else deadline
+            wake = rtu.reply_over_at(deadline, link.last_rx if link.buffer else None, bool(scan.crc_errors),
+                                     bool(scan.pending), self.silence, self.quiet_gap)
             if now >= wake:
                 self._fail(slave, request, timeout, counters)
             try:
@@ -79,8 +76,7 @@ class RtuMaster:
                 pass
         self._line_free_at = link.last_rx + self.silence
         stamp = time.time()
-        first_byte = link.first_rx - link.first_rx_len * self.char  # when the first chunk began arriving
-        turnaround = max(0.0, first_byte - sent - len(adu) * self.char)
+        turnaround = rtu.turnaround_estimate(sent, link.first_rx, link.first_rx_len, len(adu), self.char)
         if scan.skipped:
             for c in counters:
                 c.stray_bytes += scan.skipped
@@ -116,11 +112,8 @@ class RtuMaster:
         for c in counters:
             c.count_fault(kind)
         link.discard_input()
+        self._line_free_at = rtu.line_free_after_failure(time.monotonic(), request, nothing, self.char, self.silence)
         if nothing:
-            # The reply may still be on its way: hold the line for the longest possible one,
-            # so it is dropped rather than taken for the answer to the next request.
-            self._line_free_at = time.monotonic() + rtu.max_reply_length(request) * self.char + self.silence
             self._late_suspect = counters[-1] if counters else None
             raise ReplyTimeout(f"slave {slave}: no reply within {timeout:g} s")
-        self._line_free_at = time.monotonic() + self.silence
         raise BadReply(kind, f"slave {slave}: {kind.replace('_', ' ')} reply")

@@ -1,7 +1,7 @@
 """The RTU master for one serial port: one task owns the port.
 
 RS485 is half duplex, so exactly one transaction is in flight per segment.
-Polls are scheduled earliest-deadline-first by each meter's poll interval;
+Polls are scheduled earliest-deadline-first by each meter's poll interval (core.schedule);
 writes from upstream clients are queued to this task and go out before the
 next block read. A meter that fails ``demote_after`` polls in a row is demoted
 (declared offline, polled every ``demote_interval``) so its neighbours keep
@@ -25,6 +25,7 @@ from bridge.core.errors import BadReply, ExceptionReply, PortError, ReplyTimeout
 from bridge.core.image import RegisterImage
 from bridge.core.model import MeterConfig, SegmentConfig
 from bridge.core.plan import Block, plan_meter
+from bridge.core.schedule import PollSchedule
 from bridge.south.rtu_master import RtuMaster
 from bridge.south.serial_link import PySerialLink, SerialLink
 
@@ -52,7 +53,6 @@ class MeterState:
     diag: MeterDiagnostics
     blocks: list[Block]
     planned_turnaround: float = 0.0  # the turnaround (s) the current plan assumed
-    next_due: float = 0.0
     failures: int = 0  # consecutive failed polls
 
 
@@ -73,6 +73,8 @@ class Segment:
         self.meters = {
             m.unit: MeterState(m, self.diag.meters[m.unit], plan_meter(m)) for m in cfg.meters
         }
+        self._schedule = PollSchedule(((m.unit, m.poll_interval) for m in cfg.meters), cfg.demote_interval,
+                                      lambda unit: self.meters[unit].diag.demoted)
         self._writes: deque[_Write] = deque()
         self._wakeup = asyncio.Event()
         self._char = rtu.char_time(cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
@@ -135,15 +137,12 @@ class Segment:
     # ------------------------------------------------------------- schedule
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        for state in self.meters.values():
-            state.next_due = now
-        round_start, polled = now, set()
+        self._schedule.start(loop.time())
         while not self._stopping:
             while self._writes:
                 await self._do_write(self._writes.popleft())
-            state = min(self.meters.values(), key=lambda s: s.next_due)
-            delay = state.next_due - loop.time()
+            unit, due = self._schedule.next()
+            delay = due - loop.time()
             if delay > 0:
                 self._wakeup.clear()
                 try:
@@ -152,18 +151,10 @@ class Segment:
                     continue  # a write arrived
                 except TimeoutError:
                     pass
-            await self._poll(state)
-            now = loop.time()
-            interval = state.meter.poll_interval
-            if state.diag.demoted:
-                interval = max(interval, self.cfg.demote_interval)
-            # start-to-start interval; an overrun is not caught up in a burst
-            state.next_due = max(state.next_due + interval, now)
-            polled.add(state.meter.unit)
-            # a round is every meter that is not demoted (a demoted one would stretch it to 10 s)
-            if all(u in polled or s.diag.demoted for u, s in self.meters.items()):
-                self.diag.cycle_time = now - round_start
-                round_start, polled = now, set()
+            await self._poll(self.meters[unit])
+            cycle = self._schedule.polled(unit, loop.time())
+            if cycle is not None:
+                self.diag.cycle_time = cycle
                 self.tried_all.set()
 
     async def _poll(self, state: MeterState) -> None:
@@ -227,7 +218,7 @@ class Segment:
         else:
             if not job.future.done():
                 job.future.set_result(reply)
-            state.next_due = 0.0  # read back what was written at once
+            self._schedule.soon(state.meter.unit)  # read back what was written at once
 
     # ----------------------------------------------------------- transaction
     async def _transact(self, state: MeterState, request: P.Request) -> tuple[bytes, float]:
