@@ -1,7 +1,7 @@
 """Meter profiles: a meter model's register map, from a YAML file.
 
 The built-in profiles are YAML files shipped as package data in
-``bridge/profiles/``; a configuration may also name a profile file of its own.
+``bridge/config/builtin/``; a configuration may also name a profile file of its own.
 Both go through ``validate_profile_data``, so they obey the same rules.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP side (SPEC §7): status page, status JSON, health, readiness, Prometheus metrics.
+"""The HTTP side: status page, status JSON, health, readiness, Prometheus metrics.
 
 A small asyncio HTTP/1.1 server, read-only: GET (and HEAD) only, no request bodies.
 Every input boundary is bounded: the request head must fit ``MAX_HEAD`` bytes and
