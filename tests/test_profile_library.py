@@ -23,10 +23,10 @@ NEW_PROFILES = {
 EXISTING_PROFILES = {"eastron-sdm120", "eastron-sdm630"}
 
 # The measurement names a built-in profile may use, kept explicit on purpose: a new name
-# means a new shared quantity, which docs/configuration.md (and this list) must name first.
+# means a new shared quantity, which docs/profiles.md (and this list) must name first.
 _PHASE = r"(?:_l[123])?"
 ALLOWED_NAME_PATTERNS = [
-    # the common measurement names (docs/configuration.md), and their per-phase forms
+    # the common measurement names (docs/profiles.md), and their per-phase forms
     rf"voltage{_PHASE}",
     rf"current{_PHASE}",
     rf"active_power{_PHASE}",
