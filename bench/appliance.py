@@ -48,12 +48,9 @@ import asyncio
 import json
 import math
 import os
-import platform
 import re
 import select
 import shlex
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -61,36 +58,37 @@ import tempfile
 import time
 from pathlib import Path
 from benchlib import (
+    HOST,
+    NOISY_PCT,
+    TERM_TIMEOUT,
+    BridgeProcess,
+    Conn,
     OtherCpu,
-    dist_version,
+    arg_parser,
+    command_line,
+    emit,
     fmt,
     free_port,
     git_describe,
+    log,
+    machine_info,
     mib,
     new_uvloop,
+    percentile,
     proc_cpu_seconds,
-    user_process_ticks,
+    wait_quiet,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-HOST = "127.0.0.1"
 PROFILE = "eastron-sdm120"
 MAX_UNITS = 247  # config: unit 1..247, unique across the bridge
-MBAP = struct.Struct(">HHHB")  # transaction id, protocol id, length, unit id
-REQUEST_TIMEOUT = 2.0  # seconds for any Modbus TCP reply
 VOLTAGE = (0x0000, 2, 215.0, 245.0)  # SDM120 voltage: address, registers, plausible range
 POLL_GAP = 0.3  # s: a request to a meter after this much quiet (and not a repeat) starts a new poll
-TERM_TIMEOUT = 5.0
-NOISY_PCT = 10  # other processes' CPU use (% of a core) above which the run is flagged
 TARGET_RSS_BYTES = 150e6  # "under 150 MB": decimal megabytes, 143.1 MiB
 TARGET_CPU_PCT = 25.0  # "under 25 % of one core": mean over the window
 WIRE_BOUND_9600_S = 0.1749  # bench/bus.py: one SDM120 poll (3 blocks) at 9600 8N1, 5 ms turnaround
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def meter_name(seg: int, slave: int) -> str:
@@ -241,34 +239,12 @@ def config_text(args, ports: list[str], modbus_port: int, opcua_port: int) -> st
     return "\n".join(lines) + "\n"
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "Threads", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-class Bridge:
+class Bridge(BridgeProcess):
     """``python -m bridge run -c CONFIG``: started, waited for, sampled, stopped with SIGTERM."""
 
     def __init__(self, config_path: Path, cpu: int | None):
-        self.argv = [sys.executable, "-m", "bridge", "run", "-c", str(config_path)]
-        self.stdout = tempfile.NamedTemporaryFile(prefix="appliance-bridge-", suffix=".out")
-        self.stderr = tempfile.NamedTemporaryFile(prefix="appliance-bridge-", suffix=".log")
-        preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
-        self.t_start = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr,
-                                     cwd=ROOT, preexec_fn=preexec)
-        self.pid = self.proc.pid
+        super().__init__(["run", "-c", str(config_path)], cpu, prefix="appliance-bridge-")
         self.opcua_line = ""
-        self.exit_code: int | None = None
-        self.exit_seconds: float | None = None
-        self.killed = False
 
     def wait_listening(self, timeout: float = 120.0) -> float:
         deadline = time.monotonic() + timeout
@@ -282,88 +258,8 @@ class Bridge:
             time.sleep(0.1)
         raise RuntimeError(f"the bridge did not start (exit {self.proc.poll()}):\n{self.log_text()[-3000:]}")
 
-    def sample(self) -> dict:
-        st = proc_status(self.pid)
-        return {"t": time.monotonic(), "rss_kib": st.get("VmRSS"), "hwm_kib": st.get("VmHWM"),
-                "anon_kib": st.get("RssAnon"), "file_kib": st.get("RssFile"), "threads": st.get("Threads"),
-                "cpu_s": proc_cpu_seconds(self.pid)}
-
-    def terminate(self) -> None:
-        if self.proc.poll() is not None:
-            self.exit_code = self.proc.returncode
-            return
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.exit_code = self.proc.wait(timeout=TERM_TIMEOUT)
-            self.exit_seconds = time.monotonic() - t0
-        except subprocess.TimeoutExpired:
-            self.killed = True
-            self.proc.kill()
-            self.proc.wait()
-            self.exit_code = self.proc.returncode
-
-    def log_text(self) -> str:
-        return Path(self.stderr.name).read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.stdout.close()
-        self.stderr.close()
-
-
-# ====================================================================== other processes' CPU
-
-def wait_quiet(limit: float) -> float:
-    """Wait (up to ``limit`` s) for 2 s in which other processes use ≤ NOISY_PCT of a core; return their use."""
-    deadline = time.monotonic() + limit
-    while True:
-        t0, before = time.monotonic(), user_process_ticks()
-        time.sleep(2.0)
-        after = user_process_ticks()
-        pct = 100 * sum(t - before.get(p, 0) for p, t in after.items() if p != os.getpid()) \
-            / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
-        if pct <= NOISY_PCT or time.monotonic() >= deadline:
-            return pct
-        log(f"  other processes use {pct:.0f} % of a core: waiting for a quiet machine ...")
-
 
 # ====================================================================== clients
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-        self.tid = 0
-
-    @classmethod
-    async def open(cls, port: int) -> "Conn":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), REQUEST_TIMEOUT)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer)
-
-    async def request(self, unit: int, pdu: bytes) -> tuple[bytes, float]:
-        self.tid = (self.tid + 1) & 0xFFFF
-        t0 = time.perf_counter()
-        self.writer.write(MBAP.pack(self.tid, 0, len(pdu) + 1, unit) + pdu)
-        async with asyncio.timeout(REQUEST_TIMEOUT):
-            header = await self.reader.readexactly(7)
-            tid, proto, length, r_unit = MBAP.unpack(header)
-            if proto != 0 or not 2 <= length <= 254:
-                raise ValueError(f"bad MBAP header {header.hex()}")
-            body = await self.reader.readexactly(length - 1)
-        if tid != self.tid or r_unit != unit:
-            raise ValueError(f"reply tid {tid} unit {r_unit} for request tid {self.tid} unit {unit}")
-        return body, time.perf_counter() - t0
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
 def read_voltage_pdu() -> bytes:
     return struct.pack(">BHH", 4, VOLTAGE[0], VOLTAGE[1])
 
@@ -407,7 +303,7 @@ async def wait_units_ready(port: int, units: list[int], timeout: float = 60.0) -
         pending = set(units)
         while pending:
             for unit in sorted(pending):
-                reply, _ = await conn.request(unit, read_voltage_pdu())
+                reply, _ = await conn.timed_request(unit, read_voltage_pdu())
                 if check_voltage(reply)[1] is None:
                     pending.discard(unit)
             if pending:
@@ -436,7 +332,7 @@ async def modbus_client(args, port: int, stats: ClientStats, stop: asyncio.Event
             for seg in range(args.segments):
                 unit = unit_of(seg, slave, args.meters)
                 try:
-                    reply, latency = await conn.request(unit, read_voltage_pdu())
+                    reply, latency = await conn.timed_request(unit, read_voltage_pdu())
                 except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
                     stats.error(f"unit {unit}: {type(exc).__name__}", repr(exc)[:200])
                     await conn.close()
@@ -578,32 +474,6 @@ async def run(args, bridge: Bridge, sim: Simulator, modbus_port: int, opcua_port
 
 
 # ====================================================================== report
-def percentile(sorted_values, q: float) -> float:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
-def machine_info(nproc: int, pinned: dict | None) -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_total = None
-    try:
-        mem_total = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return {"nproc": nproc, "cpu": cpu_model, "mem_total_kib": mem_total, "kernel": platform.release(),
-            "python": platform.python_version(), "asyncua": dist_version("asyncua"), "uvloop": dist_version("uvloop"),
-            "commit": git_describe(), "pinning": pinned}
-
-
 def analyse_log(text: str) -> dict:
     lines = text.splitlines()
     levels: dict[str, int] = {}
@@ -744,8 +614,7 @@ def markdown(r: dict) -> str:
 
 # ====================================================================== main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--segments", type=int, default=8, help="segments (ptys), default 8")
     ap.add_argument("--meters", type=int, default=30, help="SDM120 meters per segment, default 30 (8 × 30 = 240 ≤ 247)")
     ap.add_argument("--poll-interval", type=float, default=1.0, help="every meter's poll_interval, default 1.0 s")
@@ -783,8 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cpus = sorted(os.sched_getaffinity(0))
     pinned = {"bridge": cpus[-1], "sim": cpus[0]} if not args.no_pin and len(cpus) >= 2 else None
-    command = shlex.join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
-                          else sys.executable] + sys.argv)
+    command = command_line()
     machine = machine_info(len(cpus), pinned)
     if pinned:
         os.sched_setaffinity(0, {pinned["sim"]})
@@ -901,9 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                     for s in raw["samples"]],
         "failures": failures,
     }
-    print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    emit(result, markdown, args.json)
     if failures:
         log("FAILED: " + "; ".join(failures))
         return 1

@@ -58,16 +58,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import json
 import logging
 import math
 import os
-import platform
 import random
-import shlex
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections import deque
@@ -76,24 +72,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge import rtu  # noqa: E402
+from bridge.core import rtu  # noqa: E402
 from bridge.core.codec import Function  # noqa: E402
 from bridge.core.model import MeterConfig  # noqa: E402
 from bridge.core.plan import REPLY_HEADER_CHARS, REQUEST_CHARS, plan_chars, plan_meter  # noqa: E402
 from bridge.config.profiles import get_builtin  # noqa: E402
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge  # noqa: E402
-from benchlib import dist_version, fmt, user_process_ticks
+from benchlib import (  # noqa: E402
+    NOISY_PCT,
+    arg_parser,
+    command_line,
+    emit,
+    fmt,
+    log,
+    machine_info,
+    median,
+    percentile,
+    user_process_ticks,
+    wait_quiet,
+)
 
 PROFILE = "eastron-sdm120"
 SEGMENT = "bus"
 GW_TARGET_FAILED = 0x0B
 TARGET_RATIO = 1.05
 TARGET_RATE = 0.80
-NOISY_PCT = 10  # other processes' CPU use (% of a core) above which a window is flagged
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ====================================================================== bound
@@ -120,37 +123,6 @@ def lower_bound(args) -> dict:
 
 
 # ====================================================================== helpers
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
-def _median(values) -> float | None:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.median(vals) if vals else None
-
-
-def machine_info(loop_name: str) -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu_model, "kernel": platform.release(),
-            "python": platform.python_version(), "uvloop": dist_version("uvloop"), "pyserial": dist_version("pyserial"),
-            "loop": loop_name, "commit": commit}
-
-
 # ====================================================================== instrumentation
 class Probe:
     """Wraps a running harness's bus, segment and image (on the instances) and records timings."""
@@ -506,7 +478,7 @@ def summarise(args, runs: list[dict], bound: dict) -> dict:
 
     def agg(rs: list[dict]) -> dict:
         def med(key):
-            return _median([r.get(key) for r in rs])
+            return median([r.get(key) for r in rs])
 
         rates = [statistics.fmean(r["polls_per_s"][u] for u in healthy) for r in rs]
         checks = [r.get("check") for r in rs if r.get("check")]
@@ -521,7 +493,7 @@ def summarise(args, runs: list[dict], bound: dict) -> dict:
             "crc_errors": sum(r["crc_errors"] for r in rs), "timeouts": sum(r["timeouts"] for r in rs),
             "retries": sum(r["retries"] for r in rs), "late_replies": sum(r["late_replies"] for r in rs),
             "other_errors": sum(r["other_errors"] for r in rs),
-            "healthy_polls_per_s": _median(rates), "rate_ratio": med("rate_ratio"),
+            "healthy_polls_per_s": median(rates), "rate_ratio": med("rate_ratio"),
             "rate_ratio_min": med("rate_ratio_min"),
             "rate_ratio_rounds": [r.get("rate_ratio") for r in rs],
             "reads": sum(c["window"]["reads"] + c["warmup"]["reads"] for c in checks),
@@ -543,7 +515,7 @@ def summarise(args, runs: list[dict], bound: dict) -> dict:
     # overhead: per-round means, median over rounds
     ov = {}
     for key in ("extra", "sim_timer", "pty_to_master", "master_before_wait", "wait_overshoot", "master_write_to_sim"):
-        ov[key] = {stat: _median([r["overhead"][key][stat] for r in free]) for stat in ("mean_ms", "p50_ms", "p95_ms")}
+        ov[key] = {stat: median([r["overhead"][key][stat] for r in free]) for stat in ("mean_ms", "p50_ms", "p95_ms")}
     ov["transactions"] = sum(r["overhead"]["transactions"] for r in free)
     ov["skipped"] = sum(r["overhead"]["skipped"] for r in free)
     targets = {
@@ -705,8 +677,7 @@ def markdown(result: dict) -> str:
 
 # ====================================================================== main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--meters", type=int, default=7, help="SDM120 meters on the segment (default 7)")
     ap.add_argument("--baud", type=int, default=9600, help="baud rate (default 9600)")
     ap.add_argument("--parity", choices="NEO", default="N", help="parity (default N)")
@@ -740,26 +711,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-async def wait_quiet(limit: float) -> float:
-    """Wait (up to ``limit`` s) for 2 s in which other processes use ≤ NOISY_PCT of a core; return their use."""
-    deadline = time.monotonic() + limit
-    while True:
-        t0, before = time.monotonic(), user_process_ticks()
-        await asyncio.sleep(2.0)
-        after = user_process_ticks()
-        pct = 100 * sum(t - before.get(p, 0) for p, t in after.items() if p != os.getpid()) \
-            / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
-        if pct <= NOISY_PCT or time.monotonic() >= deadline:
-            return pct
-        log(f"  other processes use {pct:.0f} % of a core: waiting for a quiet machine ...")
-
-
 async def run_all(args, bound: dict) -> list[dict]:
     runs = []
     for rnd in range(args.rounds):
         for faulted in (False, True):
             if args.wait_quiet > 0:
-                await wait_quiet(args.wait_quiet)
+                await asyncio.to_thread(wait_quiet, args.wait_quiet)
             r = await run_once(args, faulted, rnd, bound)
             runs.append(r)
             chk = r.get("check", {})
@@ -784,8 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.meters < 2:
         raise SystemExit("--meters must be at least 2 (one is dead in the fault run)")
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    command = shlex.join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
-                          else sys.executable] + sys.argv)
+    command = command_line()
     bound = lower_bound(args)
     per_run = args.seconds + max(args.warmup, 8.0)
     log(f"bound: {args.meters} meters × {len(bound['blocks'])} blocks, {bound['cycle_ms']:.1f} ms per cycle; "
@@ -802,20 +758,16 @@ def main(argv: list[str] | None = None) -> int:
     bridge_plans = {u: p for r in runs for u, p in r["plans"].items()
                     if not (r["run"] == "faulted" and u == args.meters)}  # the dead meter's plan never adapts
     result = {
-        "command": command, "machine": machine_info(args.loop), "args": vars(args), "bound": bound,
+        "command": command, "machine": machine_info(packages=("uvloop", "pyserial"), loop=args.loop),
+        "args": vars(args), "bound": bound,
         "bridge_plan_matches_bound": all(p == bound_plan for p in bridge_plans.values()),
         "bridge_plans": {str(u): p for u, p in bridge_plans.items()},
-        "bridge_turnaround_ms": _median([v for r in runs if r["run"] == "fault-free"
-                                         for v in r["turnaround_ms"].values()]),
+        "bridge_turnaround_ms": median([v for r in runs if r["run"] == "fault-free"
+                                        for v in r["turnaround_ms"].values()]),
         "runs": runs,
     }
     result["summary"] = summarise(args, runs, bound)
-    if args.json == "-":
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(markdown(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    emit(result, markdown, args.json)
     s = result["summary"]
     broken = [r for r in runs if r["cycles"] == 0 or r.get("check_error")]
     if broken or s["fault_free"]["wrong"] or s["faulted"]["wrong"]:

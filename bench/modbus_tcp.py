@@ -27,12 +27,9 @@ import gc
 import json
 import math
 import os
-import platform
 import select
-import shlex
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -40,9 +37,22 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from benchlib import dist_version, new_uvloop, user_process_ticks
+from benchlib import (
+    HOST,
+    NOISY_PCT,
+    arg_parser,
+    command_line,
+    emit,
+    fmt,
+    log,
+    machine_info,
+    median,
+    new_uvloop,
+    percentile,
+    proc_cpu_seconds,
+    user_process_ticks,
+)
 
-HOST = "127.0.0.1"
 UNIT = 1
 ADDRESS = 0
 COUNT = 10
@@ -55,7 +65,6 @@ MBAP = struct.Struct(">HHHB")  # transaction id, protocol id, length, unit id
 REPLY_LEN = 7 + len(EXPECTED_PDU)  # 29 bytes: a normal FC3 response with 20 data bytes
 
 SERVERS = ("ours", "pymodbus")
-NOISY_PCT = 10  # other processes' CPU use (% of a core) above which a cell is flagged as disturbed
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -153,11 +162,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time of the server process so far (Linux /proc)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_seconds(self.proc.pid)
 
     def stderr_tail(self, n: int = 2000) -> str:
         self.stderr.seek(0)
@@ -205,13 +210,6 @@ def other_cpu_seconds(before: dict[int, int], after: dict[int, int], ours: set[i
     """CPU used between two snapshots by processes other than ``ours`` (ones that exited are missed)."""
     used = sum(t - before.get(pid, 0) for pid, t in after.items() if pid not in ours)
     return used / os.sysconf("SC_CLK_TCK")
-
-
-def _percentile(sorted_ns: list[int], q: float) -> float:
-    """Nearest-rank percentile, in ms."""
-    if not sorted_ns:
-        return math.nan
-    return sorted_ns[max(0, math.ceil(q * len(sorted_ns)) - 1)] / 1e6
 
 
 async def _client(port: int, depth: int, t_measure: int, t_end: int,
@@ -333,8 +331,8 @@ async def run_cell(server: ServerProcess, clients: int, depth: int, rnd: int,
     cell.requests = len(merged)
     cell.errors = errors
     cell.rps = len(merged) / seconds
-    cell.p50_ms = _percentile(merged, 0.50)
-    cell.p99_ms = _percentile(merged, 0.99)
+    cell.p50_ms = percentile(merged, 0.50) / 1e6  # nanoseconds to ms
+    cell.p99_ms = percentile(merged, 0.99) / 1e6
     cell.max_ms = merged[-1] / 1e6 if merged else math.nan
     if cell.server_cpu_pct is not None and cell.rps > 0:
         cell.server_cpu_us_per_req = cell.server_cpu_pct / 100 / cell.rps * 1e6
@@ -342,37 +340,6 @@ async def run_cell(server: ServerProcess, clients: int, depth: int, rnd: int,
 
 
 # ============================================================== report
-
-def machine_info(nproc: int, pinned: dict[str, int] | None) -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "nproc": nproc,
-        "cpu": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "pymodbus": dist_version("pymodbus"),
-        "uvloop": dist_version("uvloop"),
-        "commit": commit,
-        "pinning": pinned,
-    }
-
-
-def _median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(vals) if vals else None
-
 
 def summarise(cells: list[Cell]) -> list[dict]:
     rows: dict[tuple[str, int, int], list[Cell]] = {}
@@ -382,23 +349,19 @@ def summarise(cells: list[Cell]) -> list[dict]:
     for (srv, clients, depth), cs in rows.items():
         out.append({
             "server": srv, "clients": clients, "in_flight_per_client": depth, "rounds": len(cs),
-            "rps": _median([c.rps for c in cs]),
+            "rps": median([c.rps for c in cs]),
             "rps_rounds": [round(c.rps) for c in cs],
-            "p50_ms": _median([c.p50_ms for c in cs]),
-            "p99_ms": _median([c.p99_ms for c in cs]),
+            "p50_ms": median([c.p50_ms for c in cs]),
+            "p99_ms": median([c.p99_ms for c in cs]),
             "max_ms": max(c.max_ms for c in cs),
-            "server_cpu_pct": _median([c.server_cpu_pct for c in cs]),
-            "server_cpu_us_per_req": _median([c.server_cpu_us_per_req for c in cs]),
-            "loadgen_cpu_pct": _median([c.loadgen_cpu_pct for c in cs]),
+            "server_cpu_pct": median([c.server_cpu_pct for c in cs]),
+            "server_cpu_us_per_req": median([c.server_cpu_us_per_req for c in cs]),
+            "loadgen_cpu_pct": median([c.loadgen_cpu_pct for c in cs]),
             "other_cpu_pct_max": max((c.other_cpu_pct for c in cs if c.other_cpu_pct is not None), default=None),
             "requests": sum(c.requests for c in cs),
             "errors": sum(sum(c.errors.values()) for c in cs),
         })
     return out
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
 
 
 def markdown(result: dict) -> str:
@@ -424,17 +387,17 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         label = r["server"] if r["in_flight_per_client"] == 1 else f"{r['server']} (pipelined, not comparable)"
         lines.append(
-            f"| {label} | {r['clients']} | {r['in_flight_per_client']} | {_fmt(r['rps'], ',.0f')} "
-            f"| {_fmt(r['p50_ms'], '.3f')} | {_fmt(r['p99_ms'], '.3f')} | {_fmt(r['max_ms'], '.2f')} "
-            f"| {_fmt(r['server_cpu_pct'], '.0f')} | {_fmt(r['server_cpu_us_per_req'], '.1f')} "
-            f"| {_fmt(r['loadgen_cpu_pct'], '.0f')} | {r['errors']} "
+            f"| {label} | {r['clients']} | {r['in_flight_per_client']} | {fmt(r['rps'], ',.0f')} "
+            f"| {fmt(r['p50_ms'], '.3f')} | {fmt(r['p99_ms'], '.3f')} | {fmt(r['max_ms'], '.2f')} "
+            f"| {fmt(r['server_cpu_pct'], '.0f')} | {fmt(r['server_cpu_us_per_req'], '.1f')} "
+            f"| {fmt(r['loadgen_cpu_pct'], '.0f')} | {r['errors']} "
             f"| {', '.join(f'{x:,}' for x in r['rps_rounds'])} |"
         )
     lines += ["", "| clients | ours / pymodbus requests/s | our p99 ms |", "|---:|---:|---:|"]
     for c, ratio in result["ratios"].items():
         p99 = next((r["p99_ms"] for r in result["rows"]
                     if r["server"] == "ours" and r["clients"] == int(c) and r["in_flight_per_client"] == 1), None)
-        lines.append(f"| {c} | {_fmt(ratio, '.2f')}× | {_fmt(p99, '.3f')} |")
+        lines.append(f"| {c} | {fmt(ratio, '.2f')}× | {fmt(p99, '.3f')} |")
     others = [(c["server"], c["clients"], c["pipeline"], c["round"] + 1, c["other_cpu_pct"])
               for c in result["cells"] if c["other_cpu_pct"] is not None]
     if others:
@@ -458,8 +421,7 @@ def markdown(result: dict) -> str:
 
 # ============================================================== main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per cell (default 1)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per cell, servers alternating (default 3)")
@@ -477,10 +439,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 async def run_all(args, servers: dict[str, ServerProcess], client_counts: list[int]) -> list[Cell]:
@@ -504,7 +462,7 @@ async def run_all(args, servers: dict[str, ServerProcess], client_counts: list[i
         cpu = f"server CPU {cell.server_cpu_pct:.0f}%" if cell.server_cpu_pct is not None else ""
         log(f"  round {rnd + 1} {kind:8s} C={clients} P={depth}: {cell.rps:9,.0f} req/s  "
             f"p50 {cell.p50_ms:.3f} ms  p99 {cell.p99_ms:.3f} ms  {cpu}  "
-            f"loadgen CPU {cell.loadgen_cpu_pct or 0:.0f}%  other CPU {_fmt(cell.other_cpu_pct, '.0f')}%{err}")
+            f"loadgen CPU {cell.loadgen_cpu_pct or 0:.0f}%  other CPU {fmt(cell.other_cpu_pct, '.0f')}%{err}")
 
     for clients in client_counts:
         for rnd in range(args.rounds):
@@ -529,8 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pin and len(cpus) >= 2:
         pinned = {"server": cpus[-1], "loadgen": cpus[0]}
         os.sched_setaffinity(0, {pinned["loadgen"]})
-    command = shlex.join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
-                          else sys.executable] + sys.argv)
+    command = command_line()
 
     servers: dict[str, ServerProcess] = {}
     try:
@@ -570,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         text.append(f"our p99 < 1 ms: {'met' if worst < 1.0 else 'NOT met'} (worst {worst:.3f} ms)")
     result = {
         "command": command,
-        "machine": machine_info(len(cpus), pinned),
+        "machine": machine_info(len(cpus), pinned, packages=("pymodbus", "uvloop")),
         "args": {k: v for k, v in vars(args).items() if k not in ("serve", "port", "cpu")},
         "request": {"function": 3, "unit": UNIT, "address": ADDRESS, "count": COUNT},
         "rows": rows,
@@ -580,12 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "error_kinds": error_kinds,
         "cells": [asdict(c) for c in cells],
     }
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-    else:
-        print(markdown(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, markdown, args.json)
     if total_errors or any(c.requests == 0 for c in cells):
         log(f"FAILED: {total_errors} request errors {error_kinds}")
         return 1

@@ -56,28 +56,34 @@ import gc
 import json
 import math
 import os
-import platform
-import shlex
-import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from benchlib import (
-    dist_version,
+    HOST,
+    NOISY_PCT,
+    Conn,
+    OtherCpu,
+    arg_parser,
+    command_line,
+    emit,
     fmt,
+    free_port,
+    latency_ms,
+    log,
+    machine_info,
     new_uvloop,
     proc_cpu_seconds,
-    stat_ticks,
-    user_process_ticks,
-    user_ticks,
+    proc_status,
+    wait_quiet,
 )
 
-HOST = "127.0.0.1"
+from bridge.core.errors import ProtocolError
+
 NAMESPACE = "urn:modbus-bridge"
 PROFILE = "eastron-sdm120"
 METERS = 2000
@@ -89,22 +95,16 @@ MODBUS_UNIT = 1
 MODBUS_FUNCTION = 4
 MODBUS_ADDRESS = 0x46  # frequency .. export_reactive_energy: 10 contiguous input registers
 MODBUS_COUNT = 10
-MBAP = struct.Struct(">HHHB")
 
 LAG_TICK = 0.005  # seconds: the server's lag probe sleeps this long and records the overshoot
 LAG_STALL = 0.005  # a lag sample above this is a stall, attributed to what it overlapped
 MODBUS_SLOW = 0.001  # a Modbus request slower than this is attributed likewise
 GRACE = 2.0  # seconds after the last sweep for its notifications to arrive
-NOISY_PCT = 10  # other processes' CPU use (% of a core) above which a run is flagged as disturbed
 MIN_DELIVERED = 0.90  # exit 1 below this fraction of the expected notifications
 
 STALE_AFTER = 3600.0  # no meter may go stale during the baseline, when nothing is fed
 TARGETS = {"build_s": 10.0, "rss_mib": 400.0, "notif_p99_ms": 250.0, "modbus_p99_ms": 5.0}
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def meter_name(unit: int) -> str:
@@ -117,52 +117,9 @@ def subscribed_points(meters: int, count: int, n_measurements: int) -> list[tupl
     return [(1 + int(i * step), i % n_measurements) for i in range(count)]
 
 
-def proc_status_kib(field: str) -> int | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
-
-
-class OtherCpu:
-    """CPU used by other processes between two snapshots, and time stolen by the hypervisor.
-
-    Other processes' user time comes from /proc/stat minus ours, so processes that started and
-    exited in between count too; their system time only for the ones still alive.
-    """
-
-    def __init__(self, ours: set[int]):
-        self.ours = ours
-        self.before = user_process_ticks()
-        self.stat = stat_ticks()
-        self.our_user = sum(user_ticks(p) for p in ours)
-        self.t0 = time.monotonic()
-
-    def measure(self) -> tuple[float, float]:
-        """(% of a core used by others, % of a core stolen)."""
-        after = user_process_ticks()
-        user, steal = stat_ticks()
-        our_user = sum(user_ticks(p) for p in self.ours)
-        others_user = (user - self.stat[0]) - (our_user - self.our_user)
-        others_alive = sum(t - self.before.get(pid, 0) for pid, t in after.items() if pid not in self.ours)
-        elapsed = (time.monotonic() - self.t0) * os.sysconf("SC_CLK_TCK")
-        return 100 * max(others_user, others_alive) / elapsed, 100 * (steal - self.stat[1]) / elapsed
-
-    def pct(self) -> float:
-        return self.measure()[0]
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
-def stats_ms(values_s: list[float]) -> dict:
-    v = sorted(values_s)
-    return {"n": len(v), "p50_ms": percentile(v, 0.5) * 1e3, "p99_ms": percentile(v, 0.99) * 1e3,
-            "max_ms": (v[-1] * 1e3) if v else math.nan, "mean_ms": (statistics.fmean(v) * 1e3) if v else math.nan}
+def own_status_kib(field: str) -> int | None:
+    """VmRSS or VmHWM of this process, kiB."""
+    return proc_status(os.getpid()).get(field)
 
 
 # ====================================================================== server process
@@ -260,7 +217,7 @@ async def _serve(args) -> None:
     from bridge.north.opcua.server import OpcUaServer
 
     loop = asyncio.get_running_loop()
-    info: dict = {"pid": os.getpid(), "rss_before_kib": proc_status_kib("VmRSS")}
+    info: dict = {"pid": os.getpid(), "rss_before_kib": own_status_kib("VmRSS")}
 
     # Time asyncua's Server.init() separately from our address-space build (instrumentation only).
     base_server = opcua_module.Server
@@ -340,7 +297,7 @@ async def _serve(args) -> None:
 
     stale_task = asyncio.create_task(staleness_sweep())
     gc.freeze()  # as App.run does once the servers are up
-    info["rss_after_start_kib"] = proc_status_kib("VmRSS")
+    info["rss_after_start_kib"] = own_status_kib("VmRSS")
 
     feeder = Feeder(config, image)
     t = time.perf_counter()
@@ -349,7 +306,7 @@ async def _serve(args) -> None:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
     info["initial_fill_s"] = time.perf_counter() - t
-    info["rss_after_fill_kib"] = proc_status_kib("VmRSS")
+    info["rss_after_fill_kib"] = own_status_kib("VmRSS")
     info["modbus_port"] = modbus.port
     info["opcua_endpoint"] = cfg.endpoint
 
@@ -410,8 +367,8 @@ async def _serve(args) -> None:
         profiler.dump_stats(args.profile)
     marks["end_wall"], marks["end_cpu"] = time.time(), proc_cpu_seconds()
     info.update({
-        "rss_end_kib": proc_status_kib("VmRSS"),
-        "rss_peak_kib": proc_status_kib("VmHWM"),
+        "rss_end_kib": own_status_kib("VmRSS"),
+        "rss_peak_kib": own_status_kib("VmHWM"),
         "marks": marks,
         "sweeps": feeder.sweep_info,
         "slices": feeder.slices,
@@ -459,8 +416,7 @@ async def _probe(args) -> None:
         stop.set()
 
     watcher = asyncio.create_task(watch_stdin())
-    reader, writer = await asyncio.open_connection(HOST, args.port)
-    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client = await Conn.open(args.port)
     pdu = struct.pack(">BHH", MODBUS_FUNCTION, MODBUS_ADDRESS, MODBUS_COUNT)
     floats = struct.Struct(f">{MODBUS_COUNT // 2}f")
     first_k = 7  # measurement index of 'frequency' in the SDM120 profile
@@ -468,7 +424,6 @@ async def _probe(args) -> None:
     sched_s, send_s, lat_s = [], [], []  # wall time scheduled, wall time sent, latency from send
     errors: dict[str, int] = {}
     interval = args.interval
-    tid = 0
     print("READY", flush=True)
     next_due = perf()
     try:
@@ -477,21 +432,22 @@ async def _probe(args) -> None:
             if next_due > now:
                 await asyncio.sleep(next_due - now)
             scheduled_wall = wall() - (perf() - next_due)
-            tid = (tid + 1) & 0xFFFF
             t0 = perf()
             t0_wall = wall()
-            writer.write(MBAP.pack(tid, 0, 6, MODBUS_UNIT) + pdu)
+            tid = client.send(MODBUS_UNIT, pdu)
             try:
-                header = await asyncio.wait_for(reader.readexactly(7), 5.0)
-                rtid, proto, length, unit = MBAP.unpack(header)
-                body = await asyncio.wait_for(reader.readexactly(length - 1), 5.0)
+                frame = await client.receive(timeout=5.0)
             except asyncio.TimeoutError:
                 errors["timeout"] = errors.get("timeout", 0) + 1
                 break
-            t1 = perf()
-            if rtid != tid or proto != 0 or unit != MODBUS_UNIT:
+            except (ProtocolError, ValueError):  # a header that cannot be Modbus
                 errors["wrong_header"] = errors.get("wrong_header", 0) + 1
                 break
+            t1 = perf()
+            if frame.tid != tid or frame.unit != MODBUS_UNIT:
+                errors["wrong_header"] = errors.get("wrong_header", 0) + 1
+                break
+            body = frame.pdu
             if body[0] != MODBUS_FUNCTION or len(body) != 2 + 2 * MODBUS_COUNT or body[1] != 2 * MODBUS_COUNT:
                 kind = "exception_reply" if body[0] & 0x80 else "wrong_reply"
                 errors[kind] = errors.get(kind, 0) + 1
@@ -506,7 +462,7 @@ async def _probe(args) -> None:
                 lat_s.append(t1 - t0)
             next_due = max(next_due + interval, perf()) if interval > 0 else perf()
     finally:
-        writer.close()
+        await client.close()
         watcher.cancel()
     # latency counted from the scheduled time too: a stall delays the requests the closed loop
     # did not send while it waited (coordinated omission); sched + that latency = reply time
@@ -662,8 +618,6 @@ async def run_client(args, server: Child, sinfo: dict, probe: Child) -> dict:
 
 
 async def orchestrate(args, pinned: dict | None) -> dict:
-    from bridge.testing import free_port
-
     server_argv = ["--serve", "--out", args._server_out, "--opcua-port", str(free_port()),
                    "--meters", str(args.meters), "--period", str(args.period), "--slices", str(args.slices)]
     if pinned:
@@ -734,7 +688,7 @@ def analyse(raw: dict, args) -> dict:
         sent, lat_s, sched = p["sent"], p["latency"], p["scheduled"]
         from_send = [lat_s[i] for i in range(len(sent)) if lo <= sent[i] < hi]
         from_sched = [sent[i] + lat_s[i] - sched[i] for i in range(len(sent)) if lo <= sched[i] < hi]
-        return stats_ms(from_send), stats_ms(from_sched)
+        return latency_ms(from_send), latency_ms(from_sched)
 
     b_lo, b_hi = c["baseline_window"]
     sweep_lo, sweep_hi = marks["go_wall"], marks["stop_wall"]
@@ -806,22 +760,22 @@ def analyse(raw: dict, args) -> dict:
         "delivered": len(received) / expected if expected else math.nan,
         "duplicates": duplicates, "bad_values": bad_values, "source_timestamp_mismatch": stamp_mismatch,
         "complete_sweeps": sum(1 for n in per_sweep.values() if n == args.subscribe),
-        "latency": stats_ms(lat), "latency_queue": stats_ms(queue), "latency_publish": stats_ms(publish),
-        "sweep_store": stats_ms([x["busy_s"] for x in sweeps]),
-        "slice_max": stats_ms([x["max_slice_s"] for x in sweeps]),
-        "sweep_late": stats_ms([x.get("late_s", 0.0) for x in sweeps]),
-        "writer_flush": stats_ms(flush_first), "writer_after_last_store": stats_ms(flush_last),
+        "latency": latency_ms(lat), "latency_queue": latency_ms(queue), "latency_publish": latency_ms(publish),
+        "sweep_store": latency_ms([x["busy_s"] for x in sweeps]),
+        "slice_max": latency_ms([x["max_slice_s"] for x in sweeps]),
+        "sweep_late": latency_ms([x.get("late_s", 0.0) for x in sweeps]),
+        "writer_flush": latency_ms(flush_first), "writer_after_last_store": latency_ms(flush_last),
         "server_cpu_pct_sweeping": 100 * sweep_cpu,
         "client_cpu_pct": c["client_cpu_pct"], "probe_cpu_pct": c["probe_cpu_pct"],
         "modbus_baseline": mb_base, "modbus_baseline_sched": mb_base_sched,
         "modbus_sweep": mb_sweep, "modbus_sweep_sched": mb_sweep_sched,
         "modbus_errors": p["errors"],
-        "lag_baseline": stats_ms(lag_base), "lag_sweep": stats_ms(lag_sweep),
+        "lag_baseline": latency_ms(lag_base), "lag_sweep": latency_ms(lag_sweep),
         "lag_spikes": lag_spikes, "modbus_slow": mb_slow,
-        "publish": stats_ms([d for d, _ in pubs]), "publish_per_s": len(pubs) / (sweep_hi - sweep_lo),
+        "publish": latency_ms([d for d, _ in pubs]), "publish_per_s": len(pubs) / (sweep_hi - sweep_lo),
         "publish_items_mean": statistics.fmean([n for _, n in pubs]) if pubs else 0,
         "publish_items_max": max((n for _, n in pubs), default=0),
-        "gc": {str(g): {"per_s": len(v) / (sweep_hi - sweep_lo), **stats_ms(v)} for g, v in gcs.items()},
+        "gc": {str(g): {"per_s": len(v) / (sweep_hi - sweep_lo), **latency_ms(v)} for g, v in gcs.items()},
         "gc_frozen": s.get("gc_frozen"),
         "gc_stats": s.get("gc_stats"),
         "other_cpu_baseline_pct": c["other_cpu_baseline_pct"], "other_cpu_sweep_pct": c["other_cpu_sweep_pct"],
@@ -830,24 +784,6 @@ def analyse(raw: dict, args) -> dict:
 
 
 # ====================================================================== report
-
-def machine_info(nproc: int, pinned: dict | None) -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"nproc": nproc, "cpu": cpu_model, "kernel": platform.release(), "python": platform.python_version(),
-            "asyncua": dist_version("asyncua"), "uvloop": dist_version("uvloop"), "commit": commit, "pinning": pinned}
-
 
 def targets(a: dict) -> dict:
     t = {
@@ -973,22 +909,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def wait_quiet(limit: float) -> float:
-    """Wait (up to ``limit`` s) for a 3 s window in which other processes use < NOISY_PCT of a core."""
-    deadline = time.monotonic() + limit
-    while True:
-        probe = OtherCpu({os.getpid()})
-        time.sleep(3.0)
-        pct = sum(probe.measure())
-        if pct <= NOISY_PCT or time.monotonic() >= deadline:
-            return pct
-        log(f"other processes use {pct:.0f} % of a core: waiting for a quiet machine ...")
-
-
 def print_profile(path: str, top: int = 30) -> None:
     import pstats
 
-    log(f"\n--- cProfile of the server during the sweeps ({path}), by own time ---")
+    log("")
+    log(f"--- cProfile of the server during the sweeps ({path}), by own time ---")
     st = pstats.Stats(path, stream=sys.stderr)
     st.sort_stats("tottime").print_stats(top)
     log("--- by cumulative time ---")
@@ -997,8 +922,7 @@ def print_profile(path: str, top: int = 30) -> None:
 
 # ====================================================================== main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=25.0, help="seconds of sweeps (default 25)")
     ap.add_argument("--baseline", type=float, default=5.0, help="seconds of Modbus baseline (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="Modbus warm-up before the baseline (default 1)")
@@ -1054,12 +978,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pin and len(cpus) >= 2:
         pinned = {"server": cpus[-1], "clients": cpus[0]}
         os.sched_setaffinity(0, {pinned["clients"]})
-    command = shlex.join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
-                          else sys.executable] + sys.argv)
+    command = command_line()
     analysis = None
     attempts = 0
     for attempt in range(args.retries + 1):
-        quiet = wait_quiet(args.wait_quiet)
+        quiet = wait_quiet(args.wait_quiet, window=3.0, steal=True)
         with tempfile.TemporaryDirectory(prefix="bench-opcua-") as tmp:
             args._server_out = str(Path(tmp) / "server.json")
             with asyncio.Runner(loop_factory=new_uvloop) as runner:
@@ -1085,9 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         "analysis": analysis,
     }
     result["targets"] = targets(analysis)
-    print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    emit(result, markdown, args.json)
     if args.profile:
         print_profile(args.profile)
     failed = []

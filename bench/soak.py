@@ -42,31 +42,42 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import re
 import shlex
-import signal
-import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from benchlib import OtherCpu, dist_version, fmt, free_port, git_describe, mib, new_uvloop, proc_cpu_seconds
+from benchlib import (
+    HOST,
+    NOISY_PCT,
+    REQUEST_TIMEOUT,
+    TERM_TIMEOUT,
+    BridgeProcess,
+    Conn,
+    OtherCpu,
+    arg_parser,
+    command_line,
+    emit,
+    fmt,
+    free_port,
+    git_describe,
+    latency_ms,
+    log,
+    machine_info,
+    mib,
+    new_uvloop,
+    proc_cpu_seconds,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-HOST = "127.0.0.1"
-MBAP = struct.Struct(">HHHB")  # transaction id, protocol id, length, unit id
-REQUEST_TIMEOUT = 2.0  # seconds for any reply
+MBAP = struct.Struct(">HHHB")  # transaction id, protocol id, length, unit id: for frames that must be refused
 SAMPLE_PERIOD = 10.0  # seconds between samples of the bridge process
-NOISY_PCT = 10  # other processes' CPU use (% of a core) above which the run is flagged
-TERM_TIMEOUT = 5.0  # the bridge must exit within this after SIGTERM
 # the demo mirrors the first 80 input registers of the "incomer" meter (bridge/demo.py)
 DEMO_MIRRORED = {"incomer": (0, 80)}
 UNKNOWN_UNITS = (3, 99, 200)
@@ -102,10 +113,6 @@ KIND_LABELS = {  # kind -> (table label, what is expected)
     "partial": ("incomplete frame, throwaway connection", "closed after frame_timeout"),
 }
 THROWAWAY_AT_ONCE = 6  # throwaway connections open at once (the bridge accepts 64 in all)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ====================================================================== the demo's registers
@@ -159,46 +166,16 @@ def demo_layout() -> dict[int, UnitLayout]:
 
 
 # ====================================================================== the bridge process
-def proc_status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "Threads"):
-                out[key] = int(rest.split()[0])
-    except OSError:
-        pass
-    return out
-
-
-def proc_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-class Bridge:
+class Bridge(BridgeProcess):
     """``python -m bridge demo`` on free ports: started, waited for, stopped with SIGTERM."""
 
     def __init__(self, cpu: int | None):
         self.modbus_port, self.opcua_port = free_port(), free_port()
         while self.opcua_port == self.modbus_port:
             self.opcua_port = free_port()
-        self.argv = [sys.executable, "-m", "bridge", "demo",
-                     "--modbus-port", str(self.modbus_port), "--opcua-port", str(self.opcua_port),
-                     "--http-port", str(free_port())]
-        self.stdout = tempfile.NamedTemporaryFile(prefix="soak-bridge-", suffix=".out")
-        self.stderr = tempfile.NamedTemporaryFile(prefix="soak-bridge-", suffix=".log")
-        preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
-        self.t_start = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.stdout,
-                                     stderr=self.stderr, cwd=ROOT, preexec_fn=preexec)
-        self.pid = self.proc.pid
+        super().__init__(["demo", "--modbus-port", str(self.modbus_port), "--opcua-port", str(self.opcua_port),
+                          "--http-port", str(free_port())], cpu, prefix="soak-bridge-")
         self.banner = ""
-        self.exit_code: int | None = None
-        self.exit_seconds: float | None = None
-        self.killed = False
 
     @property
     def endpoint(self) -> str:
@@ -207,10 +184,10 @@ class Bridge:
     def wait_banner(self, timeout: float = 60.0) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = Path(self.stdout.name).read_text(errors="replace")
+            text = self.stdout_text()
             if "Modbus TCP:" in text and "OPC UA:" in text:
                 time.sleep(0.2)  # the rest of the banner
-                self.banner = Path(self.stdout.name).read_text(errors="replace")
+                self.banner = self.stdout_text()
                 m = re.search(r"Modbus TCP:\s+[\d.]+:(\d+)", self.banner)
                 if not m or int(m.group(1)) != self.modbus_port:
                     raise RuntimeError(f"unexpected banner:\n{self.banner}")
@@ -219,37 +196,6 @@ class Bridge:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"the bridge did not start (exit {self.proc.poll()}):\n{self.log_text()[-3000:]}")
-
-    def sample(self) -> dict:
-        st = proc_status(self.pid)
-        return {"t": time.monotonic(), "rss_kib": st.get("VmRSS"), "hwm_kib": st.get("VmHWM"),
-                "threads": st.get("Threads"), "cpu_s": proc_cpu_seconds(self.pid), "fds": proc_fds(self.pid)}
-
-    def terminate(self) -> None:
-        """SIGTERM; record the exit status and how long it took (SIGKILL after TERM_TIMEOUT)."""
-        if self.proc.poll() is not None:
-            self.exit_code = self.proc.returncode
-            return
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.exit_code = self.proc.wait(timeout=TERM_TIMEOUT)
-            self.exit_seconds = time.monotonic() - t0
-        except subprocess.TimeoutExpired:
-            self.killed = True
-            self.proc.kill()
-            self.proc.wait()
-            self.exit_code = self.proc.returncode
-
-    def log_text(self) -> str:
-        return Path(self.stderr.name).read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.stdout.close()
-        self.stderr.close()
 
 
 # ====================================================================== load
@@ -302,41 +248,6 @@ class Shared:
         self.weights = [w for _, w in MIX]
 
 
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-        self.tid = 0
-
-    @classmethod
-    async def open(cls, port: int) -> "Conn":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), REQUEST_TIMEOUT)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer)
-
-    async def request(self, unit: int, pdu: bytes) -> tuple[bytes, float]:
-        """Send one request and return (reply PDU, seconds); raises ValueError for a bad MBAP header."""
-        self.tid = (self.tid + 1) & 0xFFFF
-        t0 = time.perf_counter()
-        self.writer.write(MBAP.pack(self.tid, 0, len(pdu) + 1, unit) + pdu)
-        async with asyncio.timeout(REQUEST_TIMEOUT):
-            header = await self.reader.readexactly(7)
-            tid, proto, length, r_unit = MBAP.unpack(header)
-            if proto != 0 or not 2 <= length <= 254:
-                raise ValueError(f"bad MBAP header {header.hex()}")
-            body = await self.reader.readexactly(length - 1)
-        latency = time.perf_counter() - t0
-        if tid != self.tid or r_unit != unit:
-            raise ValueError(f"reply tid {tid} unit {r_unit} for request tid {self.tid} unit {unit}")
-        return body, latency
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
 def check_read(layout: UnitLayout, address: int, count: int, reply: bytes) -> str | None:
     """Why a reply to an FC4 read of served registers is wrong, or None."""
     if len(reply) == 2 and reply[0] == 0x84:
@@ -382,7 +293,7 @@ async def throwaway(shared: Shared, rng: random.Random, kind: str) -> None:
             unit = rng.choice(shared.units)
             address, count = plan_read(rng, shared.layout[unit])
             try:
-                reply, _ = await conn.request(unit, struct.pack(">BHH", 4, address, count))
+                reply, _ = await conn.timed_request(unit, struct.pack(">BHH", 4, address, count))
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
                 st.error(f"{kind}: the valid read before it failed", repr(exc))
                 return
@@ -473,7 +384,7 @@ async def client(shared: Shared, i: int, seed: int) -> None:
             pdu = struct.pack(">BHH", 6, 0x0100 + i, rng.randrange(0x10000))
             expect = pdu
         try:
-            reply, latency = await conn.request(unit, pdu)
+            reply, latency = await conn.timed_request(unit, pdu)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             reason = {asyncio.TimeoutError: "timeout", asyncio.IncompleteReadError: "connection closed by server",
                       ValueError: "bad reply header"}.get(type(exc), "connection error")
@@ -553,7 +464,7 @@ async def wait_units_ready(port: int, layout: dict[int, UnitLayout], timeout: fl
         while pending:
             for unit in sorted(pending):
                 s, e = layout[unit].intervals[0]
-                reply, _ = await conn.request(unit, struct.pack(">BHH", 4, s, 2))
+                reply, _ = await conn.timed_request(unit, struct.pack(">BHH", 4, s, 2))
                 if check_read(layout[unit], s, 2, reply) is None:
                     pending.discard(unit)
             if pending:
@@ -637,32 +548,6 @@ async def soak(args, bridge: Bridge, layout: dict[int, UnitLayout]) -> dict:
 
 
 # ====================================================================== report
-def percentile(sorted_values, q: float) -> float:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
-def lat_ms(values) -> dict:
-    v = sorted(values)
-    return {"n": len(v), "p50_ms": percentile(v, 0.5) * 1e3, "p99_ms": percentile(v, 0.99) * 1e3,
-            "max_ms": (v[-1] * 1e3) if v else math.nan}
-
-
-def machine_info(nproc: int, pinned: dict | None) -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": nproc, "cpu": cpu_model, "kernel": platform.release(), "python": platform.python_version(),
-            "asyncua": dist_version("asyncua"), "uvloop": dist_version("uvloop"), "commit": git_describe(), "pinning": pinned}
-
-
 def slope_mib_per_min(samples: list[dict]) -> float | None:
     """Least-squares slope of RSS over the measured window."""
     pts = [(s["t"], s["rss_kib"] / 1024) for s in samples if s["phase"] in ("start", "measured", "end")]
@@ -788,8 +673,7 @@ def markdown(r: dict) -> str:
 
 # ====================================================================== main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--minutes", type=float, default=10.0, help="measured minutes (default 10)")
     ap.add_argument("--clients", type=int, default=50, help="Modbus TCP clients (default 50)")
     ap.add_argument("--warmup", type=float, default=None,
@@ -818,8 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     pinned = None
     if not args.no_pin and len(cpus) >= 2:
         pinned = {"bridge": cpus[-1], "loadgen": cpus[0]}
-    command = shlex.join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
-                          else sys.executable] + sys.argv)
+    command = command_line()
     machine = machine_info(len(cpus), pinned)  # the commit the bridge starts from
     bridge = Bridge(pinned["bridge"] if pinned else None)
     if pinned:
@@ -847,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     served_total = sum(counts_total.get(k, 0) for k in modbus_kinds)
     kinds = {}
     for k in list(KIND_LABELS) + ["opcua read"]:
-        kinds[k] = {"measured": measured.get(k, 0), "total": counts_total.get(k, 0), **lat_ms(st.lat.get(k, []))}
+        kinds[k] = {"measured": measured.get(k, 0), "total": counts_total.get(k, 0), **latency_ms(st.lat.get(k, []))}
     persistent = array("d")
     for k in modbus_kinds:
         persistent.extend(st.lat.get(k, array("d")))
@@ -882,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         "counts_total": counts_total, "kinds": kinds,
         "errors": errors, "errors_measured": raw["errors_end"] - st.snapshot_errors,
         "error_kinds": st.errors, "error_examples": st.error_examples,
-        "latency": lat_ms(persistent),
+        "latency": latency_ms(persistent),
         "idle": raw["idle"], "start": raw["start"], "end": raw["end"], "after": raw["after"],
         "rss_max_kib": rss_max, "rss_slope": slope_mib_per_min(raw["samples"]),
         "bridge_cpu_pct": 100 * bridge_cpu / window,
@@ -896,9 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                     for s in raw["samples"]],
         "failures": failures,
     }
-    print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    emit(result, markdown, args.json)
     if failures:
         log("FAILED: " + "; ".join(failures))
         return 1

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
+from support import WAIT, f32, until
 
 from bridge.core import codec
 from bridge.core import mbap
@@ -18,11 +19,6 @@ TWO_SEGMENTS = {
     "panel-a": [MeterSpec("a1", slave=1, unit=11), MeterSpec("a2", slave=2, unit=12, writable=True)],
     "panel-b": [MeterSpec("b1", slave=1, unit=21), MeterSpec("b3", slave=3, unit=23, profile="eastron-sdm630")],
 }
-
-
-def f32(data: bytes, offset: int = 0) -> float:
-    regs = codec.bytes_to_registers(data[offset:offset + 4])
-    return codec.decode(regs, F32)
 
 
 async def test_each_meter_under_its_remapped_unit():
@@ -124,7 +120,8 @@ async def test_write_goes_ahead_of_the_poll_schedule():
         finally:
             await c.close()
         assert sim.functions.count(6) == 1
-        # only the poll in flight (at most its two blocks) went out before the write
+        # a write waits for the block in flight at most, not for the rest of the poll (an SDM120 poll is
+        # three blocks): one block, and one more begun before the server queued the write
         assert functions.index(6) <= 2, f"bus requests after submitting the write: {functions}"
 
 
@@ -159,7 +156,7 @@ async def test_meter_going_silent_then_coming_back():
             loop = asyncio.get_running_loop()
             start = loop.time()
             while (await c.read(11, 4, 0, 2)) != b"\x84\x0b":
-                assert loop.time() - start < 3, "a silent meter is still served as fresh"
+                assert loop.time() - start < WAIT, "a silent meter is still served as fresh"
                 await asyncio.sleep(0.02)
             # the neighbour keeps being served meanwhile
             assert (await c.read(12, 4, 0, 2))[0] == 4
@@ -249,17 +246,23 @@ async def test_reply_not_matching_its_request_is_never_stored():
         seen: list[float] = []
         h.app.image.subscribe(lambda change, unit, health: seen.append(
             f32(h.app.image.value_registers(11, codec.Function.INPUT, 0, 2))) if change else None)
-        # replies with the wrong slave address, a bad CRC, cut short, or too late for their request
-        sim.faults.wrong_slave = 2
-        await asyncio.sleep(0.4)
-        sim.faults.corrupt = 2
-        await asyncio.sleep(0.4)
-        sim.faults.truncate = 2
-        await asyncio.sleep(0.4)
-        sim.faults.late, sim.faults.late_by = 2, 0.1
-        await asyncio.sleep(0.6)
         counters = h.segment("s").diag
-        # each kind of bad answer is recognised and counted as what it is
+        # replies with the wrong slave address, a bad CRC, cut short, or too late for their request, one
+        # kind after the other: each fault is sent twice and counted, then a good poll (so the meter never
+        # fails three polls in a row and is demoted) before the next one is set
+        sim.faults.wrong_slave = 2
+        await until(lambda: sim.faults.wrong_slave == 0 and counters.wrong_slave >= 2, WAIT, "wrong slave")
+        await h.polls("m", 1, timeout=WAIT)
+        sim.faults.corrupt = 2
+        await until(lambda: sim.faults.corrupt == 0 and counters.crc_errors >= 2, WAIT, "bad CRC")
+        await h.polls("m", 1, timeout=WAIT)
+        sim.faults.truncate = 2
+        await until(lambda: sim.faults.truncate == 0 and counters.truncated >= 2, WAIT, "cut short")
+        await h.polls("m", 1, timeout=WAIT)
+        sim.faults.late, sim.faults.late_by = 2, 0.1
+        await until(lambda: sim.faults.late == 0 and counters.timeouts >= 2 and counters.late_replies >= 1, WAIT,
+                    "too late")
+        # each kind of bad answer is recognised and counted as what it is, once
         assert (counters.wrong_slave, counters.crc_errors, counters.truncated) == (2, 2, 2)
         assert counters.timeouts == 2 and counters.late_replies >= 1
         sim.set_value("voltage", 240.0)
@@ -289,10 +292,8 @@ async def test_retries_and_timeout_are_honoured():
         start = len(log)
         h.sims["dead"].faults.silent = True
         dead = h.segment("s").meters[12]
-        async with asyncio.timeout(3):
-            while not dead.diag.demoted:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
+        await until(lambda: dead.diag.demoted, WAIT, "demotion of the silent meter")
+        await asyncio.sleep(0.3)  # and then nothing more is asked of it (left alone for 10 s)
         asked = [fc for _, slave, fc in list(log)[start:] if slave == 2]
         assert len(asked) == 3 * 3, asked
         assert dead.diag.timeouts == 9

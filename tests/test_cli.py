@@ -6,25 +6,14 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 
 import pytest
+from support import BRIDGE, f32
 
-from bridge.core import codec
-from bridge.core.codec import DataType
 from bridge.config.profiles import get_builtin
 from bridge.south.simulator import SimMeter, SimulatedBus
-from bridge.testing import RawModbusClient
-
-BRIDGE = [sys.executable, "-m", "bridge"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bridge.testing import RawModbusClient, free_port
 
 
 async def _wait_for_line(stream: asyncio.StreamReader, pattern: str, timeout: float = 15.0) -> re.Match:
@@ -58,7 +47,7 @@ async def test_run_serves_meters_and_stops_cleanly_on_sigterm(tmp_path):
                 async with asyncio.timeout(5):
                     while (reply := await client.read(70, 4, 0, 2)) == b"\x84\x0b":
                         await asyncio.sleep(0.05)
-                assert codec.decode(codec.bytes_to_registers(reply[2:]), DataType.FLOAT32) == 229.5
+                assert f32(reply, 2) == 229.5
             finally:
                 await client.close()
             proc.send_signal(signal.SIGTERM)

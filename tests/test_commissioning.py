@@ -1,13 +1,12 @@
 """scan, read and points over real ptys and real subprocesses, as an installer uses them."""
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
-import sys
 
 import pytest
+from support import BRIDGE, run
 
 from bridge.south.commissioning import points_rows, read_meter, reference, scan
 from bridge.core.errors import PortError
@@ -15,14 +14,9 @@ from bridge.config.profiles import get_builtin
 from bridge.south.simulator import SimMeter, SimulatedBus
 from bridge.testing import MeterSpec, running_bridge
 
-BRIDGE = [sys.executable, "-m", "bridge"]
-
 
 async def run_cli(*argv: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(*BRIDGE, *argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode, out.decode(), err.decode()
+    return await run(*BRIDGE, *argv, timeout=60)
 
 
 async def test_scan_finds_who_answers_and_what_they_look_like():

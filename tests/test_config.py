@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import write
 
 from bridge.core.codec import Function
 from bridge.config.loader import load_config, summary
@@ -66,13 +67,6 @@ segments:
 def no_systemd_state_directory(monkeypatch):
     """The default state_dir depends on $STATE_DIRECTORY: tests set it only on purpose."""
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-
-
-def write(directory: Path, text: str, name: str = "bridge.yaml") -> Path:
-    path = directory / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    return path
 
 
 def issues_of(tmp_path: Path, text: str) -> list[ConfigIssue]:

@@ -6,10 +6,10 @@ These run the real command line in a subprocess, as a user or an installer scrip
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from support import BRIDGE
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "example.yaml"
@@ -18,7 +18,7 @@ PREFIX = "modbus-bridge: error: "
 
 def check(path: Path | str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bridge", "check", "-c", str(path)],
+        [*BRIDGE, "check", "-c", str(path)],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
 

@@ -2,31 +2,31 @@
 
 Simulated meters on real ptys, real loopback sockets: malformed and lying MBAP
 headers, exception paths, slow, idle and half-open connections, the connection
-and pipelining caps, the allowlist, TCP backpressure, a socket fuzz round with a
-memory bound, and containment of unexpected exceptions (one client handler, one
-segment). Runs on uvloop and on plain asyncio (module name ends in ``_e2e``).
+and pipelining caps, the allowlist, TCP backpressure, a socket fuzz round (twice),
+and containment of unexpected exceptions (one client handler, one segment). Runs on
+uvloop only (see conftest.py).
+
+What is asserted is behaviour: what the server answers, which connections it closes
+and why (its stats), who keeps being served. Never how fast, nor how much memory:
+those are the benchmarks' (bench/). Every wait is bounded by the generous WAIT, only
+so that a hang fails instead of stalling the run.
 """
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import random
 import socket
 import struct
-import time
 
 import pytest
+from support import WAIT, f32, fc16, until
 
 from bridge import app as app_module
 from bridge.core import codec
 from bridge.core import mbap
-from bridge.core.codec import DataType
-from bridge.north.modbus_tcp import CHECK_PERIOD
 from bridge.testing import MeterSpec, RawModbusClient, running_bridge
 
-F32 = DataType.FLOAT32
-SLACK = 0.5  # seconds of scheduling slack on top of every timing bound
 
 LAYOUT = {
     "a": [MeterSpec("a1", 1, 11), MeterSpec("w", 2, 12, writable=True, write_ranges=((0x0014, 2),))],
@@ -34,11 +34,7 @@ LAYOUT = {
 }
 VOLTS = {"a1": 231.5, "w": 229.0, "b1": 228.25}
 UNIT = {"a1": 11, "w": 12, "b1": 21}
-RESTART_PAUSE_BOUND = app_module.RESTART_PAUSE + 3.0
-
-
-def f32(pdu: bytes, offset: int = 2) -> float:
-    return codec.decode(codec.bytes_to_registers(pdu[offset:offset + 4]), F32)
+RESTART_PAUSE_BOUND = app_module.RESTART_PAUSE + WAIT
 
 
 def read_pdu(function: int, address: int, count: int) -> bytes:
@@ -54,10 +50,10 @@ async def settle(h, names=tuple(VOLTS)) -> None:
 
 
 async def serves(c: RawModbusClient, name: str = "a1") -> None:
-    """``c`` still reads the meter's true voltage, promptly."""
+    """``c`` still reads the meter's true voltage."""
     reply = await c.read(UNIT[name], 4, 0x0000, 2)
     assert reply[:2] == b"\x04\x04", reply
-    assert f32(reply) == VOLTS[name]
+    assert f32(reply, 2) == VOLTS[name]
 
 
 async def connect(port: int) -> RawModbusClient:
@@ -67,10 +63,8 @@ async def connect(port: int) -> RawModbusClient:
     return c
 
 
-async def eof_within(reader: asyncio.StreamReader, timeout: float) -> float:
-    """Seconds until the server closed the connection (EOF or reset); fails after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+async def eof_within(reader: asyncio.StreamReader, timeout: float = WAIT) -> None:
+    """Wait until the server closes the connection (EOF or reset); fails after ``timeout``."""
     try:
         async with asyncio.timeout(timeout):
             while await reader.read(65536):
@@ -79,14 +73,6 @@ async def eof_within(reader: asyncio.StreamReader, timeout: float) -> float:
         raise AssertionError(f"the server did not close the connection within {timeout} s") from None
     except ConnectionError:
         pass
-    return loop.time() - start
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    assert predicate(), what
 
 
 def conn_of(server, client: RawModbusClient):
@@ -119,10 +105,12 @@ async def test_header_that_cannot_be_modbus_closes_only_that_connection():
             await serves(good)
             for case, garbage in BAD_HEADERS.items():
                 bad = await connect(h.modbus_port)
+                closed = server.stats["closed_bad_frame"]
                 try:
                     bad.writer.write(garbage)
-                    elapsed = await eof_within(bad.reader, 2.0)
-                    assert elapsed < CHECK_PERIOD, f"{case}: closed only after {elapsed:.2f} s, not at once"
+                    await eof_within(bad.reader)
+                    # closed for what it sent (at once), not by the sweep of idle or slow connections
+                    assert server.stats["closed_bad_frame"] == closed + 1, f"{case}: {server.stats}"
                 finally:
                     await bad.close()
                 await serves(good)  # the other client notices nothing
@@ -134,8 +122,8 @@ async def test_header_that_cannot_be_modbus_closes_only_that_connection():
                 bad.writer.write(GOOD_READ + mbap.encode(2, 11, read_pdu(4, 6, 2)) + BAD_HEADERS["protocol id 1"])
                 first, second = await bad.receive(), await bad.receive()
                 assert (first.tid, second.tid) == (1, 2)
-                assert f32(first.pdu) == VOLTS["a1"] and second.pdu[:2] == b"\x04\x04"
-                await eof_within(bad.reader, 2.0)
+                assert f32(first.pdu, 2) == VOLTS["a1"] and second.pdu[:2] == b"\x04\x04"
+                await eof_within(bad.reader)
             finally:
                 await bad.close()
             await serves(good)
@@ -165,13 +153,12 @@ async def test_request_that_never_arrives_in_full_is_closed_after_frame_timeout(
             for case, head in INCOMPLETE.items():
                 bad[case].writer.write(head)
             answered = await bad["a valid request, then half a header"].receive()
-            assert f32(answered.pdu) == VOLTS["a1"]
-            elapsed = await asyncio.gather(*(eof_within(c.reader, FRAME_TIMEOUT + CHECK_PERIOD + SLACK)
-                                             for c in bad.values()))
-            for case, seconds in zip(bad, elapsed):
-                assert seconds >= FRAME_TIMEOUT - 0.05, f"{case}: closed after {seconds:.2f} s, before frame_timeout"
+            assert f32(answered.pdu, 2) == VOLTS["a1"]
+            await asyncio.gather(*(eof_within(c.reader) for c in bad.values()))
             await serves(good)
+            # each closed as slow (an incomplete request is not a bad one), and only those
             assert h.app.modbus.stats["closed_slow"] == len(INCOMPLETE)
+            assert h.app.modbus.stats["closed_bad_frame"] == 0
             assert len(h.app.modbus.connections) == 1
         finally:
             await good.close()
@@ -192,8 +179,7 @@ async def test_slowloris_trickling_one_byte_per_200ms_is_closed():
 
         trickler = asyncio.create_task(trickle())
         try:
-            elapsed = await eof_within(slow.reader, FRAME_TIMEOUT + CHECK_PERIOD + SLACK)
-            assert elapsed >= FRAME_TIMEOUT - 0.05
+            await eof_within(slow.reader)
             await serves(good)
             assert h.app.modbus.stats["closed_slow"] == 1
             assert len(h.app.modbus.connections) == 1
@@ -218,8 +204,8 @@ async def test_streaming_client_whose_segments_split_frames_is_not_closed_as_slo
                 await asyncio.sleep(0.1)
                 # the rest of request k + 1 and the first half of request k + 2
                 c.writer.write(stream[size // 2 + k * size: size // 2 + (k + 1) * size])
-                frame = await c.receive(timeout=1.0)
-                assert frame.tid == k + 1 and f32(frame.pdu) == VOLTS["a1"]
+                frame = await c.receive(timeout=WAIT)
+                assert frame.tid == k + 1 and f32(frame.pdu, 2) == VOLTS["a1"]
             assert h.app.modbus.stats["closed_slow"] == 0
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             stats = h.app.modbus.stats
@@ -232,10 +218,6 @@ async def test_streaming_client_whose_segments_split_frames_is_not_closed_as_slo
 
 
 # ------------------------------------------------------------------ 2. exceptions the spec prescribes
-def fc16(address: int, count: int, nbytes: int, values: list[int]) -> bytes:
-    return struct.pack(f">BHHB{len(values)}H", 16, address, count, nbytes, *values)
-
-
 UNKNOWN_FUNCTIONS = (0x00, 0x01, 0x02, 0x05, 0x07, 0x08, 0x0B, 0x0F, 0x11, 0x14, 0x17, 0x2B, 0x5A, 0x7F,
                      0x80, 0x81, 0x83, 0x84, 0x90, 0xAB, 0xFF)
 
@@ -255,20 +237,20 @@ EXCEPTION_CASES = [
     ("FC4 PDU one byte short", 11, read_pdu(4, 0, 2)[:-1], b"\x84\x03"),
     ("FC4 PDU one byte long", 11, read_pdu(4, 0, 2) + b"\x00", b"\x84\x03"),
     ("FC6 PDU one byte short", 12, struct.pack(">BHH", 6, 0x14, 1)[:-1], b"\x86\x03"),
-    ("FC16 byte count 3 for 2 registers", 12, fc16(0x14, 2, 3, [1, 2]), b"\x90\x03"),
-    ("FC16 byte count 4, 2 bytes of data", 12, fc16(0x14, 2, 4, [1]), b"\x90\x03"),
-    ("FC16 byte count 4, 6 bytes of data", 12, fc16(0x14, 2, 4, [1, 2, 3]), b"\x90\x03"),
-    ("FC16 count 0", 12, fc16(0x14, 0, 0, []), b"\x90\x03"),
-    ("FC16 count 124", 12, fc16(0x14, 124, 248, [0] * 10), b"\x90\x03"),
+    ("FC16 byte count 3 for 2 registers", 12, fc16(0x14, [1, 2], count=2, nbytes=3), b"\x90\x03"),
+    ("FC16 byte count 4, 2 bytes of data", 12, fc16(0x14, [1], count=2, nbytes=4), b"\x90\x03"),
+    ("FC16 byte count 4, 6 bytes of data", 12, fc16(0x14, [1, 2, 3], count=2, nbytes=4), b"\x90\x03"),
+    ("FC16 count 0", 12, fc16(0x14, []), b"\x90\x03"),
+    ("FC16 count 124", 12, fc16(0x14, [0] * 10, count=124, nbytes=248), b"\x90\x03"),
     ("FC16 header only", 12, b"\x10\x00\x14\x00", b"\x90\x03"),
-    ("FC16 0xFFFF + 2", 12, fc16(0xFFFF, 2, 4, [1, 2]), b"\x90\x02"),
+    ("FC16 0xFFFF + 2", 12, fc16(0xFFFF, [1, 2]), b"\x90\x02"),
     ("FC6 outside write_ranges", 12, struct.pack(">BHH", 6, 0x0016, 1), b"\x86\x02"),
-    ("FC16 across the end of write_ranges", 12, fc16(0x15, 2, 4, [1, 2]), b"\x90\x02"),
+    ("FC16 across the end of write_ranges", 12, fc16(0x15, [1, 2]), b"\x90\x02"),
     *[(f"broadcast unit {u}: {name}", u, pdu, bytes((pdu[0] | 0x80, 0x0A)))
       for u in (0, 255)
       for name, pdu in (("FC4 read", read_pdu(4, 0, 2)), ("FC3 read", read_pdu(3, 0x14, 1)),
                         ("FC6 write", struct.pack(">BHH", 6, 0x14, 7)),
-                        ("FC16 write", fc16(0x14, 2, 4, [7, 8])))],
+                        ("FC16 write", fc16(0x14, [7, 8])))],
     ("unit without a meter", 99, read_pdu(4, 0, 2), b"\x84\x0a"),
 ]
 
@@ -311,13 +293,11 @@ async def test_idle_connection_is_closed_and_a_polling_one_is_not():
     idle_timeout = 1.0
     async with running_bridge(LAYOUT, modbus_options={"idle_timeout": idle_timeout}) as h:
         await settle(h, ("a1",))
-        loop = asyncio.get_running_loop()
         poller = await connect(h.modbus_port)
         silent = await connect(h.modbus_port)  # connects and never sends a byte (half-open client)
         asked = await connect(h.modbus_port)  # one request, then nothing
         try:
             await serves(asked)
-            quiet_since = loop.time()
             done = asyncio.Event()
 
             async def keep_polling() -> int:
@@ -330,12 +310,10 @@ async def test_idle_connection_is_closed_and_a_polling_one_is_not():
 
             polling = asyncio.create_task(keep_polling())
             try:
-                await asyncio.gather(*(eof_within(c.reader, idle_timeout + CHECK_PERIOD + SLACK)
-                                       for c in (silent, asked)))
+                await asyncio.gather(*(eof_within(c.reader) for c in (silent, asked)))
             finally:
                 done.set()
             # the sweep that closed them saw the poller, connected as long, and left it alone
-            assert loop.time() - quiet_since >= idle_timeout - 0.05
             assert await polling >= 3
             await serves(poller)  # still open
             assert h.app.modbus.stats["closed_idle"] == 2
@@ -353,9 +331,9 @@ async def test_client_that_half_closes_gets_its_answers_then_the_connection_ends
             c.writer.write(GOOD_READ + mbap.encode(2, 99, read_pdu(4, 0, 2)))
             c.writer.write_eof()
             first, second = await c.receive(), await c.receive()
-            assert f32(first.pdu) == VOLTS["a1"] and second.pdu == b"\x84\x0a"
-            await eof_within(c.reader, 1.0)
-            await until(lambda: not h.app.modbus.connections, 1.0, "connection left behind")
+            assert f32(first.pdu, 2) == VOLTS["a1"] and second.pdu == b"\x84\x0a"
+            await eof_within(c.reader)
+            await until(lambda: not h.app.modbus.connections, WAIT, "connection left behind")
         finally:
             await c.close()
 
@@ -372,7 +350,7 @@ async def test_write_sent_before_a_half_close_is_carried_out_and_answered():
         try:
             c.writer.write(mbap.encode(1, 12, struct.pack(">BHH", 6, 0x14, 5)))
             c.writer.write_eof()
-            async with asyncio.timeout(3):
+            async with asyncio.timeout(WAIT):
                 answer = await c.reader.read()
             await asyncio.sleep(0.5)
             assert (answer, sim.functions.count(6)) == (mbap.encode(1, 12, struct.pack(">BHH", 6, 0x14, 5)), 1), (
@@ -385,7 +363,7 @@ async def test_write_sent_before_a_half_close_is_carried_out_and_answered():
 
 
 # ------------------------------------------------------------------ 4. the connection cap
-async def test_connection_beyond_max_connections_is_refused_at_once():
+async def test_connection_beyond_max_connections_is_refused():
     """Policy: the NEW connection is refused (closed right after accept); the existing ones keep going."""
     async with running_bridge(LAYOUT, modbus_options={"max_connections": 5}) as h:
         await settle(h, ("a1",))
@@ -398,12 +376,12 @@ async def test_connection_beyond_max_connections_is_refused_at_once():
             sixth = await connect(h.modbus_port)
             extra.append(sixth)
             sixth.writer.write(GOOD_READ)
-            assert await eof_within(sixth.reader, 1.0) < 0.5
+            await eof_within(sixth.reader)
             assert server.stats["refused"] == 1
             for c in clients:
                 await serves(c)  # the five were not disturbed
             await clients.pop(0).close()
-            await until(lambda: len(server.connections) == 4, 2.0, "the closed connection is still counted")
+            await until(lambda: len(server.connections) == 4, WAIT, "the closed connection is still counted")
             seventh = await connect(h.modbus_port)
             extra.append(seventh)
             await serves(seventh)
@@ -483,7 +461,7 @@ async def test_allowlist(allow, admitted):
                 assert h.app.modbus.stats["refused"] == 0
             else:
                 c.writer.write(GOOD_READ)
-                assert await eof_within(c.reader, 1.0) < 0.5
+                await eof_within(c.reader)
                 assert h.app.modbus.stats["refused"] == 1
                 assert not h.app.modbus.connections
         finally:
@@ -505,7 +483,7 @@ async def flood_until_paused(server, port: int):
     await loop.sock_connect(sock, ("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock)
     hog = RawModbusClient(reader, writer)
-    await until(lambda: any(c.peer and c.peer[1] == sock.getsockname()[1] for c in server.connections), 1.0,
+    await until(lambda: any(c.peer and c.peer[1] == sock.getsockname()[1] for c in server.connections), WAIT,
                 "connection not registered")
     conn = conn_of(server, hog)
     sent = 0
@@ -528,7 +506,6 @@ async def test_client_that_never_reads_its_answers_stops_being_read():
     async with running_bridge(LAYOUT, modbus_options={"frame_timeout": 60.0}) as h:
         await settle(h, ("a1",))
         server = h.app.modbus
-        loop = asyncio.get_running_loop()
         good = await connect(h.modbus_port)
         hog, conn, sent = await flood_until_paused(server, h.modbus_port)
         try:
@@ -542,19 +519,17 @@ async def test_client_that_never_reads_its_answers_stops_being_read():
                 assert conn.transport.get_write_buffer_size() <= peak
                 assert len(conn.buf) < mbap.HEADER + mbap.MAX_PDU + 1
             assert peak < 1_000_000, f"{peak} bytes of answers buffered for one connection"
-            # everyone else is served promptly meanwhile
+            # everyone else is served meanwhile
             for _ in range(20):
-                start = loop.time()
                 await serves(good)
-                assert loop.time() - start < 0.5
             # once the client reads, every request is answered, in order: backpressure lost nothing
             reply = mbap.encode(0, 11, b"\x04\x04" + bytes(4))
-            async with asyncio.timeout(15):
+            async with asyncio.timeout(3 * WAIT):
                 data = await hog.reader.readexactly(sent * len(reply))
             for i in range(0, sent, 997):
                 frame = data[i * len(reply):(i + 1) * len(reply)]
                 assert struct.unpack(">H", frame[:2])[0] == i & 0xFFFF and frame[7:9] == b"\x04\x04"
-                assert f32(frame[7:]) == VOLTS["a1"]
+                assert f32(frame, 9) == VOLTS["a1"]
         finally:
             await hog.close()
             await good.close()
@@ -571,13 +546,11 @@ async def test_client_that_never_reads_is_still_closed_when_idle():
         hog, conn, _ = await flood_until_paused(server, h.modbus_port)
         late: RawModbusClient | None = None
         try:
-            paused_at = time.monotonic()
-            bound = idle_timeout + CHECK_PERIOD + SLACK
             try:
-                await until(lambda: conn not in server.connections, bound, "")
-            except TimeoutError:
+                await until(lambda: conn not in server.connections, WAIT)
+            except AssertionError:
                 raise AssertionError(
-                    f"{time.monotonic() - paused_at:.1f} s after it went quiet the connection is still open "
+                    f"{WAIT} s after it went quiet (idle_timeout {idle_timeout} s) the connection is still open "
                     f"(stats {server.stats}, {conn.transport.get_write_buffer_size()} bytes unsent): "
                     "_Connection.close() uses transport.close(), which waits for the write buffer to drain"
                 ) from None
@@ -610,7 +583,7 @@ def random_request(rng: random.Random, tid: int) -> bytes:
         n = rng.randint(0, 8)
         count = n if rng.random() < 0.8 else rng.randrange(0x10000)
         nbytes = 2 * n if rng.random() < 0.8 else rng.randrange(256)
-        pdu = fc16(rng.choice((0x14, rng.randrange(0x10000))), count, nbytes, [rng.randrange(0x10000)] * n)
+        pdu = fc16(rng.choice((0x14, rng.randrange(0x10000))), [rng.randrange(0x10000)] * n, count, nbytes)
     else:
         pdu = bytes((rng.randrange(256),)) + rng.randbytes(rng.randint(0, 12))
     return mbap.encode(tid, unit, pdu)
@@ -725,41 +698,23 @@ async def fuzz_round(port: int, plan, concurrency: int = 20) -> int:
     return answers
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-async def test_socket_fuzz_then_valid_reads_and_flat_memory():
+async def test_socket_fuzz_twice_then_valid_reads():
     async with running_bridge(LAYOUT, modbus_options={"frame_timeout": FRAME_TIMEOUT}) as h:
         await settle(h)
         server = h.app.modbus
         keeper = await connect(h.modbus_port)  # a client that stays connected through it all
         plan, frames = fuzz_plan(seed=20240611, connections=400)
         try:
-            started = time.monotonic()
             answers = await fuzz_round(h.modbus_port, plan)
             await serves(keeper)
-            await until(lambda: len(server.connections) == 1, FRAME_TIMEOUT + CHECK_PERIOD + 2,
-                        f"fuzz connections left open: {len(server.connections) - 1}")
+            await until(lambda: len(server.connections) == 1, WAIT, "fuzz connections left open")
             assert frames > 5000 and answers > 3000, (frames, answers)
             assert server.stats["closed_bad_frame"] > 50, server.stats
             print(f"fuzz: {frames} frames, {answers} answers, stats {server.stats}, exceptions {server.exceptions}")
-            gc.collect()
-            before = rss_bytes()
+            # the same abuse again: the same (ish) answers, nothing left behind
             answers_again = await fuzz_round(h.modbus_port, plan)
-            await until(lambda: len(server.connections) == 1, FRAME_TIMEOUT + CHECK_PERIOD + 2,
-                        f"fuzz connections left open: {len(server.connections) - 1}")
-            gc.collect()
-            growth = rss_bytes() - before
-            elapsed = time.monotonic() - started
+            await until(lambda: len(server.connections) == 1, WAIT, "fuzz connections left open")
             assert abs(answers_again - answers) < answers * 0.05  # the same plan, the same (ish) answers
-            print(f"fuzz: RSS growth over the second round {growth} bytes, both rounds {elapsed:.2f} s")
-            assert growth < 5 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB in a second identical round"
-            assert elapsed < 20, f"two fuzz rounds ({frames} frames on {len(plan)} connections each) took {elapsed:.1f} s"
             # the bridge still answers correctly, on an old and a new connection, for every meter
             for name in ("a1", "b1", "w"):
                 await h.polls(name, 1)
@@ -792,7 +747,7 @@ async def test_exception_in_one_client_handler_closes_only_that_client(monkeypat
         try:
             await serves(victim)  # unit 11 still fine on this connection
             victim.send(21, read_pdu(4, 0, 2))
-            await eof_within(victim.reader, 1.0)
+            await eof_within(victim.reader)
             port = victim.writer.get_extra_info("sockname")[1]
             records = [r for r in caplog.records if r.name == "bridge.modbus_tcp" and r.levelno >= logging.ERROR]
             assert len(records) == 1, [r.getMessage() for r in records]
@@ -818,22 +773,20 @@ async def test_segment_that_raises_is_logged_and_restarted_others_unaffected(mon
         await settle(h)
         seg = h.segment("a")
         real_poll = seg._poll
-        failed_at: list[float] = []
+        failed = asyncio.Event()
 
         async def poll_failing_once(state):
-            if not failed_at:
-                failed_at.append(time.monotonic())
+            if not failed.is_set():
+                failed.set()
                 raise RuntimeError("injected: unexpected bug in the poll")
             await real_poll(state)
 
         monkeypatch.setattr(seg, "_poll", poll_failing_once)
-        await until(lambda: failed_at, 2.0, "the injected failure never ran")
+        await until(failed.is_set, WAIT, "the injected failure never ran")
         b_good = h.segment("b").meters[21].diag.good
         a_good = seg.meters[11].diag.good
         h.sims["a1"].set_value("voltage", 222.0)
         await h.polls("a1", 1, timeout=RESTART_PAUSE_BOUND)
-        restarted_after = time.monotonic() - failed_at[0]
-        assert restarted_after >= app_module.RESTART_PAUSE * 0.9, f"restarted after {restarted_after:.2f} s"
         # the other segment kept polling throughout
         assert h.segment("b").meters[21].diag.good - b_good >= 5
         assert seg.meters[11].diag.good > a_good
@@ -846,7 +799,7 @@ async def test_segment_that_raises_is_logged_and_restarted_others_unaffected(mon
         try:
             await h.polls("a1", 1)
             reply = await c.read(11, 4, 0, 2)
-            assert f32(reply) == 222.0
+            assert f32(reply, 2) == 222.0
             await serves(c, "b1")
             assert await c.request(12, struct.pack(">BHH", 6, 0x14, 3)) == struct.pack(">BHH", 6, 0x14, 3)
         finally:

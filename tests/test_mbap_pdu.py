@@ -6,6 +6,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import fc16
 
 from bridge.core import mbap
 from bridge.core import pdu as P
@@ -163,12 +164,6 @@ def test_parse_write_single():
     assert P.parse_request(req(6, 0xFFFF, 0)).end == 0x10000
     assert raises_code(req(6, 1)) == (6, P.ILLEGAL_DATA_VALUE)
     assert raises_code(req(6, 1, 2) + b"\x00") == (6, P.ILLEGAL_DATA_VALUE)
-
-
-def fc16(address: int, values: list[int], count: int | None = None, nbytes: int | None = None) -> bytes:
-    count = len(values) if count is None else count
-    nbytes = 2 * count if nbytes is None else nbytes
-    return struct.pack(f">BHHB{len(values)}H", 16, address, count, nbytes, *values)
 
 
 def test_parse_write_multiple():

@@ -7,10 +7,11 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import meas
 
 from bridge.core import plan
 from bridge.core.codec import DataType, Function, WordOrder
-from bridge.core.model import MAX_READ_REGISTERS, MeterConfig, Measurement, Profile, RegisterRange
+from bridge.core.model import MAX_READ_REGISTERS, MeterConfig, Profile, RegisterRange
 from bridge.core.plan import Block, block_chars, plan_chars, plan_intervals, plan_meter, request_overhead_chars
 
 SDM120_INPUT = [0x00, 0x06, 0x0C, 0x12, 0x18, 0x1E, 0x24, 0x46, 0x48, 0x4A, 0x4C, 0x4E, 0x156, 0x158]
@@ -229,10 +230,6 @@ def test_plan_is_deterministic_and_idempotent(intervals, max_read):
 
 
 # --------------------------------------------------------------- plan_meter
-
-def meas(name, address, dtype=DataType.FLOAT32, function=Function.INPUT):
-    return Measurement(name, address, dtype, function, WordOrder.BIG)
-
 
 def sdm120_profile(**kw) -> Profile:
     measurements = tuple(meas(f"m{a:x}", a) for a in SDM120_INPUT)

@@ -1,10 +1,11 @@
 """Meter profiles: the built-in ones, and the validator every profile file goes through."""
 from __future__ import annotations
 
-import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
+from support import write as write_file
 
 from bridge.core.codec import DataType, Function, WordOrder
 from bridge.core.errors import ConfigError, ConfigIssue
@@ -19,11 +20,7 @@ from bridge.config.profiles import (
 from bridge.config.yamlsource import parse_yaml
 
 
-def write(directory: Path, text: str, name: str = "meter.yaml") -> Path:
-    path = directory / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    return path
+write = partial(write_file, name="meter.yaml")  # a profile file, not a bridge configuration
 
 
 def issues_of(tmp_path: Path, text: str) -> list[ConfigIssue]:
