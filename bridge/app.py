@@ -31,6 +31,7 @@ log = logging.getLogger("bridge.app")
 SWEEP_PERIOD = 0.2  # seconds between staleness checks
 STOP_GRACE = 3.0  # seconds the segments get to finish their transaction in flight on stop
 RESTART_PAUSE = 1.0  # seconds before a part that failed unexpectedly is restarted
+LISTENER_LOG_PERIOD = 60.0  # seconds between two log lines about the same failing image listener
 
 
 def _buses(config: Config) -> dict[int, tuple]:
@@ -50,6 +51,7 @@ class App:
         self._tg: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task | None = None
         self._reloading = asyncio.Lock()
+        self._listener_logged: dict[str, float] = {}  # listener -> when its failure was last logged
         self.listening = asyncio.Event()
         self._stop = asyncio.Event()
         for cfg in config.segments:
@@ -257,8 +259,14 @@ class App:
             state.running = False
 
     def _listener_failed(self, listener: object, exc: Exception) -> None:
-        log.error("an image listener (%s) failed and was skipped: %s: %s",
-                  getattr(listener, "__qualname__", listener), type(exc).__name__, exc, exc_info=exc)
+        """Logged with its traceback the first time, then at most once a minute per listener (it may
+        fail on every block); every failure is counted (``RegisterImage.listener_errors``)."""
+        name = getattr(listener, "__qualname__", repr(listener))
+        now = time.monotonic()
+        if now - self._listener_logged.get(name, -LISTENER_LOG_PERIOD) >= LISTENER_LOG_PERIOD:
+            self._listener_logged[name] = now
+            log.error("image listener %s failed and was skipped (%d failures so far): %s: %s",
+                      name, self.image.listener_errors, type(exc).__name__, exc, exc_info=exc)
 
     async def _housekeeping(self) -> None:
         """Staleness sweep (every SWEEP_PERIOD) and the utilisation samples (about once a second)."""

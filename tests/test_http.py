@@ -141,6 +141,27 @@ async def test_a_client_that_sends_nothing_is_dropped_after_the_read_timeout(mon
             writer.close()
 
 
+async def test_a_flood_of_slow_connections_cannot_keep_the_health_checks_out():
+    """More slow clients than MAX_CONNECTIONS, each holding a request head open: the probes of
+    systemd, Docker or a load balancer still get their answer (the slowest client makes room)."""
+    async with running_bridge({"s": [MeterSpec("m", 1, 11)]}, http=True) as h, http_of(h) as port:
+        await until(lambda: not h.app.view.not_ready(), what="ready")
+        slow = []
+        try:
+            for _ in range(http_server.MAX_CONNECTIONS + 8):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /status.json HTTP/1.1\r\nHo")  # and nothing more
+                slow.append(writer)
+            await asyncio.sleep(0)
+            for path in ("/healthz", "/readyz"):
+                status, _, body = await request(port, path)
+                assert status == 200, body
+            assert h.app.http.status().counters["evicted"] >= 8
+        finally:
+            for writer in slow:
+                writer.close()
+
+
 # ------------------------------------------------------------------ readiness
 
 

@@ -404,3 +404,19 @@ def test_store_block_notification_carries_current_health():
     t[0] = 3.0
     image.store_block(1, Function.INPUT, 0, f32_bytes(231.0), 9.0)
     assert rec.calls == [(Change(1, Function.INPUT, 0, 2, 9.0), 1, Health.STALE)]
+
+
+def test_a_failing_listener_is_skipped_counted_and_reported_never_raised_to_the_segment():
+    image = RegisterImage([meter(1)], clock=Clock())
+    rec, failures = Recorder(), []
+
+    def broken(change, unit, health):
+        raise KeyError("a bug in a north side")
+
+    image.subscribe(broken)
+    image.subscribe(rec)
+    image.on_listener_error = lambda listener, exc: failures.append((listener, type(exc)))
+    poll_input_meter(image, 1)  # one block stored (a change), then the unit turns fresh
+    assert image.listener_errors == 2 and failures == [(broken, KeyError)] * 2
+    assert rec.changes and rec.healths == [(1, Health.FRESH)]  # the next listener still heard both
+    assert image.read(1, FC4, 0, 2) == f32_bytes(230.0)

@@ -188,9 +188,12 @@ class BridgeCollector:
             failures.add_metric([part.name], len(part.failures))
         healthy = GaugeMetricFamily(f"{PREFIX}_healthy", "1 while no part is stopped or failing in a loop")
         healthy.add_metric([], 0.0 if self.view.problems() else 1.0)
+        listener_errors = CounterMetricFamily(f"{PREFIX}_image_listener_errors",
+                                              "Image change notifications a listener failed on (skipped)")
+        listener_errors.add_metric([], self.view.image.listener_errors)
         ready = GaugeMetricFamily(f"{PREFIX}_ready", "1 while the bridge is ready (as /readyz)")
         ready.add_metric([], 0.0 if self.view.not_ready() else 1.0)
-        yield from (listening, failures, healthy, ready)
+        yield from (listening, failures, healthy, ready, listener_errors)
 
 
 def make_registry(view: BridgeView) -> CollectorRegistry:
