@@ -8,10 +8,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from bridge.core.codec import Function
 from bridge.core.errors import PduException
 
-READ_HOLDING = 3
-READ_INPUT = 4
+READ_HOLDING = Function.HOLDING  # the register tables are named by their read function code
+READ_INPUT = Function.INPUT
 WRITE_SINGLE = 6
 WRITE_MULTIPLE = 16
 READ_FUNCTIONS = (READ_HOLDING, READ_INPUT)
