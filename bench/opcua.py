@@ -215,6 +215,8 @@ async def _serve(args) -> None:
     from bridge.core.model import OpcUaConfig
     import bridge.north.opcua.server as opcua_module
     from bridge.north.opcua.server import OpcUaServer
+    from bridge.view import BridgeView
+    import dataclasses
 
     loop = asyncio.get_running_loop()
     info: dict = {"pid": os.getpid(), "rss_before_kib": own_status_kib("VmRSS")}
@@ -271,7 +273,7 @@ async def _serve(args) -> None:
     opcua_port = args.opcua_port
     cfg = OpcUaConfig(endpoint=f"opc.tcp://{HOST}:{opcua_port}/bridge", namespace=NAMESPACE,
                       security=("None",))  # the benchmark client connects without security
-    opcua = OpcUaServer(cfg, config, image)
+    opcua = OpcUaServer(dataclasses.replace(config, opcua=cfg), BridgeView(image))
     t = time.perf_counter()
     await opcua.start()
     info["start_s"] = time.perf_counter() - t

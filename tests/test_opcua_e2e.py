@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import struct
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TypeVar
 import pytest
 import pytest_asyncio
 from asyncua import Client, Node, ua
+from support import as_f32, run
 
 import bridge
 from bridge.config.profiles import get_builtin
@@ -59,11 +59,6 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------- helpers
-def f32(value: float) -> float:
-    """What a float32 register pair holds for ``value`` (the simulator stores float32)."""
-    return struct.unpack(">f", struct.pack(">f", value))[0]
-
-
 def unece_id(code: str) -> int:
     """OPC UA Part 8 EUInformation.UnitId: the UNECE code's characters shifted in, most significant first."""
     value = 0
@@ -244,7 +239,7 @@ async def test_measurements_reject_writes(plant: Harness, browser: Browser):
             await attempt()
         assert refusal.value.code in refused, refusal.value
     after = await read_dv(node)
-    assert after.Value.Value == before.Value.Value == f32(plant.sims["a2"].value("frequency"))
+    assert after.Value.Value == before.Value.Value == as_f32(plant.sims["a2"].value("frequency"))
 
 
 EXPECTED_UNITS = {"V": "VLT", "A": "AMP", "W": "WTT", "Hz": "HTZ", "kWh": "KWH"}
@@ -294,8 +289,8 @@ async def test_values_are_the_meters_values_remapped_and_per_phase(plant: Harnes
         for i, name in enumerate(measurements(meter)):
             value = 100.0 + 1000.0 * k + 1.37 * i + 0.1  # distinct everywhere, none exact in float32
             plant.sims[meter].set_value(name, value)
-            expected[(meter, name)] = f32(value)
-            assert plant.sims[meter].value(name) == f32(value)
+            expected[(meter, name)] = as_f32(value)
+            assert plant.sims[meter].value(name) == as_f32(value)
     await settled(plant, *meters)
     keys = list(expected)
     nodes = [ua_client.get_node(ua.NodeId(f"{meter}.{name}", browser.ns)) for meter, name in keys]
@@ -313,7 +308,7 @@ async def test_timestamps(plant: Harness, browser: Browser):
     await plant.polls("a1", 1)
     before_change = now()
     plant.sims["a1"].set_value("frequency", 49.87)
-    dv = await eventually(lambda: read_dv(node), lambda dv: dv.Value.Value == f32(49.87), 2.0,
+    dv = await eventually(lambda: read_dv(node), lambda dv: dv.Value.Value == as_f32(49.87), 2.0,
                           "a1.frequency changed")
     after_read = now()
     slack = timedelta(milliseconds=1)  # microsecond rounding of the two clocks' conversions only
@@ -327,7 +322,7 @@ async def test_subscription_delivers_a_change_within_a_poll_and_a_publish(plant:
                                                                           browser: Browser):
     node = await browser.measurement("b1", "active_power")
     publishing_ms = 100
-    target = f32(4321.5 + 0.3)
+    target = as_f32(4321.5 + 0.3)
     received: list[tuple[object, ua.DataValue]] = []
     got_initial, got_change = asyncio.Event(), asyncio.Event()
 
@@ -366,7 +361,7 @@ async def test_status_fresh_stale_offline_and_back(plant: Harness, browser: Brow
     sim.set_value("voltage", 231.3)
     await settled(plant, "flaky")
     dv = await read_dv(node)
-    assert (status_name(dv), dv.Value.Value) == ("Good", f32(231.3))
+    assert (status_name(dv), dv.Value.Value) == ("Good", as_f32(231.3))
     await eventually(online.read_value, lambda v: v is True, DIAGNOSTICS + 1.0, "Online while fresh")
 
     # silent: stale after stale_after, the last value still readable
@@ -375,7 +370,7 @@ async def test_status_fresh_stale_offline_and_back(plant: Harness, browser: Brow
     dv = await eventually(lambda: read_dv(node), lambda dv: dv.StatusCode.value != GOOD, 3.0, "stale")
     waited = loop.time() - silent_at
     assert dv.StatusCode.value == UNCERTAIN_LAST_USABLE, f"after {waited:.2f} s: {status_name(dv)}"
-    assert dv.Value is not None and dv.Value.Value == f32(231.3), "a stale value stays readable"
+    assert dv.Value is not None and dv.Value.Value == as_f32(231.3), "a stale value stays readable"
     assert waited >= STALE_AFTER - POLL - 0.05, f"stale after {waited:.2f} s already"
     # the default client API refuses anything but Good: a client must ask for the value explicitly
     with pytest.raises(ua.UaStatusCodeError) as uncertain:
@@ -400,7 +395,7 @@ async def test_status_fresh_stale_offline_and_back(plant: Harness, browser: Brow
     sim.faults.silent = False
     dv = await eventually(lambda: read_dv(node), lambda dv: dv.StatusCode.value == GOOD,
                           OFFLINE_RETRY + 2.0, "good again")
-    assert dv.Value.Value == f32(219.7)
+    assert dv.Value.Value == as_f32(219.7)
     await eventually(online.read_value, lambda v: v is True, DIAGNOSTICS + 1.0, "Online again")
     # SPEC §6: SourceTimestamp is the time of the poll reply the value came from, a reply after back_at
     assert dv.SourceTimestamp >= back_at, (
@@ -496,18 +491,6 @@ async def test_nodeids_stable_across_restarts_and_edits(plant: Harness, browser:
 NODE_CLIENT = Path(__file__).parent / "opcua_node_client"
 
 
-async def _run(*argv: str, cwd: Path | None = None, env: dict | None = None, timeout: float) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc.returncode, out.decode(), err.decode()
-
-
 @pytest.fixture(scope="module")
 def node_config_home(tmp_path_factory) -> Path:
     """node-opcua creates a client certificate under $XDG_CONFIG_HOME: once per module, not in $HOME."""
@@ -526,7 +509,7 @@ async def test_node_opcua_client_reads_the_same(plant: Harness, browser: Browser
     names = ["b3.voltage_l2", "a2.current", "never.voltage"]
     env = {**os.environ, "XDG_CONFIG_HOME": str(node_config_home)}
     started = now()
-    rc, out, err = await _run(node, str(NODE_CLIENT / "read.mjs"), plant.opcua_endpoint, NAMESPACE, *names,
+    rc, out, err = await run(node, str(NODE_CLIENT / "read.mjs"), plant.opcua_endpoint, NAMESPACE, *names,
                               env=env, timeout=30)
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
@@ -537,7 +520,7 @@ async def test_node_opcua_client_reads_the_same(plant: Harness, browser: Browser
         assert v["nodeId"] == f"ns={browser.ns};s={name}"
         assert v["status"] == "Good", v
         assert v["dataType"] == 11, v  # Double
-        assert v["value"] == f32(expected), v
+        assert v["value"] == as_f32(expected), v
         source = datetime.fromisoformat(v["sourceTimestamp"].replace("Z", "+00:00"))
         server = datetime.fromisoformat(v["serverTimestamp"].replace("Z", "+00:00"))
         assert source <= server <= now() and source <= started  # (milliseconds)

@@ -5,8 +5,16 @@ duplicates on each insertion, which makes a panel-scale tree (tens of thousands
 of nodes) take tens of seconds. Our tree is generated, so its names are unique
 by construction: this builder creates the node records directly and shares the
 immutable attribute values between nodes, which also saves most of the memory.
+
+``NodeBuilder.remove`` takes subtrees out again (a reload that removes or changes meters and
+segments), and hands back the clients' data-change subscriptions that watched them, detached, so
+they can be re-attached to a node of the same NodeId built anew (``reattach``) or told the node is
+gone. asyncua's DeleteNodes path scans every node of the address space per deleted node.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from asyncua import ua
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
@@ -16,6 +24,8 @@ _HAS_COMPONENT = ua.NodeId(ua.ObjectIds.HasComponent)
 _HAS_PROPERTY = ua.NodeId(ua.ObjectIds.HasProperty)
 _ORGANIZES = ua.NodeId(ua.ObjectIds.Organizes)
 _HAS_TYPE = ua.NodeId(ua.ObjectIds.HasTypeDefinition)
+# the references along which a subtree is removed (the ones the builder creates between our nodes)
+_HIERARCHICAL = frozenset((_HAS_COMPONENT, _HAS_PROPERTY, _ORGANIZES))
 
 FOLDER_TYPE = ua.NodeId(ua.ObjectIds.FolderType)
 BASE_OBJECT_TYPE = ua.NodeId(ua.ObjectIds.BaseObjectType)
@@ -100,6 +110,51 @@ class NodeBuilder:
         return self.variable(parent, ident, name, value, datatype, type_def=PROPERTY_TYPE, ref=_HAS_PROPERTY,
                              browse_ns=0 if standard else None)
 
+    def remove(self, *nodeids: ua.NodeId) -> list[Watch]:
+        """Remove each node and everything below it (forward HasComponent, HasProperty and Organizes
+        references, recursively), and the references other nodes hold to them (a parent's to its
+        child). Returns the data-change subscriptions that watched an attribute of a removed node,
+        detached from the address space (``reattach`` them to their nodes built anew)."""
+        aspace = self.aspace
+        doomed: dict[ua.NodeId, NodeData] = {}
+        pending = list(nodeids)
+        while pending:
+            nid = pending.pop()
+            if nid in doomed:
+                continue
+            node = aspace.get(nid)
+            if node is None:
+                continue
+            doomed[nid] = node
+            pending.extend(r.NodeId for r in node.references
+                           if r.IsForward and r.ReferenceTypeId in _HIERARCHICAL and r.NodeId not in doomed)
+        if not doomed:
+            return []
+        # every node outside the subtrees that a removed node points back to (its parent): one pass
+        # over each one's references, however many of its children go
+        outside = {r.NodeId for node in doomed.values() for r in node.references
+                   if not r.IsForward and r.NodeId not in doomed}
+        for nid in outside:
+            node = aspace.get(nid)
+            if node is not None:
+                node.references[:] = [r for r in node.references if r.NodeId not in doomed]
+        # subscriptions on removed nodes: detached here, so that deleting them later (or the
+        # session's end) finds no handle to a node that is gone, and nothing keeps the node alive
+        watches = []
+        handles = aspace._handle_to_attribute_map
+        for handle, (nid, attr_id) in list(handles.items()):
+            node = doomed.get(nid)
+            if node is None:
+                continue
+            del handles[handle]
+            attr = node.attributes.get(attr_id)
+            callback = attr.datachange_callbacks.pop(handle, None) if attr is not None else None
+            if callback is not None:
+                watches.append(Watch(nid, attr_id, handle, callback))
+        for nid in doomed:
+            del aspace[nid]
+        return watches
+
     # ------------------------------------------------------------ internals
     def _node(self, nid: ua.NodeId, name: str, description: str, node_class: AttributeValue,
               browse_ns: int | None = None) -> NodeData:
@@ -160,3 +215,28 @@ class NodeBuilder:
             DisplayName=pat[A.DisplayName].value.Value.Value, NodeClass=parent_class, TypeDefinition=parent_type,
         ))
         node.references.append(self._type_ref(type_def))
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A client's data-change subscription (a monitored item) on one attribute of one node."""
+
+    nodeid: ua.NodeId
+    attribute: ua.AttributeIds
+    handle: int
+    callback: Callable  # async (handle, DataValue) -> None, asyncua's MonitoredItemService.datachange_callback
+
+
+def reattach(aspace: AddressSpace, watches: list[Watch]) -> list[Watch]:
+    """Attach each watch to the node now holding its NodeId (built anew after a ``remove``), so the
+    client's monitored item keeps receiving data changes; returns the watches whose node is gone."""
+    lost = []
+    for w in watches:
+        node = aspace.get(w.nodeid)
+        attr = node.attributes.get(w.attribute) if node is not None else None
+        if attr is None:
+            lost.append(w)
+            continue
+        attr.datachange_callbacks[w.handle] = w.callback
+        aspace._handle_to_attribute_map[w.handle] = (w.nodeid, w.attribute)
+    return lost
