@@ -733,15 +733,15 @@ async def test_socket_fuzz_twice_then_valid_reads():
 async def test_exception_in_one_client_handler_closes_only_that_client(monkeypatch, caplog):
     async with running_bridge(LAYOUT) as h:
         await settle(h)
-        image = h.app.image
-        real_read = image.read
+        server = h.app.modbus
+        real_read = server.read
 
-        def read(unit, function, address, count):
+        def read(unit, request):
             if unit == 21:
                 raise RuntimeError("injected: image read failed for unit 21")
-            return real_read(unit, function, address, count)
+            return real_read(unit, request)
 
-        monkeypatch.setattr(image, "read", read)
+        monkeypatch.setattr(server, "read", read)
         victim = await connect(h.modbus_port)
         other = await connect(h.modbus_port)
         try:

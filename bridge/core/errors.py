@@ -69,10 +69,12 @@ class PortError(TransactionError):
 class PduException(BridgeError):
     """A request that must be answered with a Modbus exception (``code``) for ``function``."""
 
-    def __init__(self, function: int, code: int):
+    def __init__(self, function: int, code: int):  # on a server's hot path: no message built here
         self.function = function
         self.code = code
-        super().__init__(f"Modbus exception 0x{code:02X} for function {function}")
+
+    def __str__(self) -> str:
+        return f"Modbus exception 0x{self.code:02X} for function {self.function}"
 
     def pdu(self) -> bytes:
         return bytes(((self.function | 0x80) & 0xFF, self.code))

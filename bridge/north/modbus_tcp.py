@@ -23,8 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from bridge.core import mbap
 from bridge.core import pdu as P
-from bridge.core.errors import (BridgeError, ExceptionReply, NoSuchUnit, NotFresh, OutsideImage, ProtocolError,
-                                TransactionError)
+from bridge.core.errors import BridgeError, ExceptionReply, ProtocolError, TransactionError
 from bridge.core.image import Change, Health, RegisterImage, RegisterTable
 from bridge.core.model import Config, ConsolidatedMap, MeterConfig, ModbusTcpConfig, merge_intervals
 from bridge.north.side import Staged, listen_error
@@ -184,21 +183,23 @@ class ModbusTcpServer:
             return exc.pdu()
 
     def read(self, unit: int, request: P.ReadRequest) -> bytes:
-        """Registers for a read, or the PduException the contract prescribes for why not."""
-        try:
-            return self.image.read(unit, request.function, request.address, request.count)
-        except NoSuchUnit:
+        """Registers for a read, or the PduException the contract prescribes for why not (the image's
+        own rules, asked one by one: this is the hot path, so one exception at most)."""
+        u = self.image.unit(unit)
+        if u is None:
             c = self.consolidated
             if c is not None and unit == c.cmap.unit:
                 data = c.table.read(request.address, request.count)  # a stale meter is NaN, never an error
                 if data is not None:
                     return data
-                raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS) from None
-            raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE) from None
-        except OutsideImage:
-            raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS) from None
-        except NotFresh:  # never read yet, stale or offline
-            raise P.PduException(request.function, P.GATEWAY_TARGET_FAILED) from None
+                raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS)
+            raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE)
+        data = u.read(request.function, request.address, request.count)
+        if data is None:
+            raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS)
+        if self.image.health(unit) is not Health.FRESH:  # never read yet, stale or offline
+            raise P.PduException(request.function, P.GATEWAY_TARGET_FAILED)
+        return data
 
     async def write(self, unit: int, request: P.WriteRequest) -> bytes:
         assert self.write_router is not None
