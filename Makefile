@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 NODE_CLIENT := tests/opcua_node_client
+MQTT_CLIENT := tests/mqtt_node_client
 
 # Debian 12's own interpreter (3.11.2, allowed by requires-python) behaves differently from later
 # 3.11 releases in ways that matter to error reporting: the suite runs the bridge under it too.
@@ -27,14 +28,19 @@ $(DEBIAN_VENV)/.installed: pyproject.toml
 	$(DEBIAN_VENV)/bin/python -m pip install -q -e .
 	touch $@
 
-# Independent peers the tests talk to: libmodbus's mbpoll and a headless Chromium (Debian; CI
-# runs as root) and node-opcua (npm), so our servers are checked by clients that share no code.
-tools: $(NODE_CLIENT)/node_modules/.installed
-	@command -v mbpoll >/dev/null && command -v chromium >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mbpoll chromium >/dev/null; }
+# Independent peers the tests talk to: libmodbus's mbpoll, a headless Chromium and the mosquitto
+# broker (Debian; CI runs as root), node-opcua and mqtt.js with the Eclipse Tahu Sparkplug decoder
+# (npm), so what we serve and publish is checked by code that shares none of ours.
+tools: $(NODE_CLIENT)/node_modules/.installed $(MQTT_CLIENT)/node_modules/.installed
+	@command -v mbpoll >/dev/null && command -v chromium >/dev/null && command -v mosquitto >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mbpoll chromium mosquitto >/dev/null; }
 
 $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package-lock.json
 	npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(MQTT_CLIENT)/node_modules/.installed: $(MQTT_CLIENT)/package-lock.json
+	npm ci --prefix $(MQTT_CLIENT) --no-audit --no-fund --loglevel=error
 	touch $@
 
 demo: $(STAMP)
@@ -48,3 +54,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEBIAN_VENV) build *.egg-info .pytest_cache .hypothesis
+
+# The Sparkplug B payload module, generated from its schema by grpcio-tools' protoc (installed into
+# the venv if missing; needed only here: the generated module is checked in).
+.PHONY: proto
+proto: $(STAMP)
+	$(PY) -c 'import grpc_tools.protoc' 2>/dev/null || $(PY) -m pip install -q grpcio-tools
+	$(PY) -m grpc_tools.protoc --proto_path=. --python_out=. bridge/core/sparkplug_b.proto

@@ -72,6 +72,10 @@ class App:
             sides["opcua"] = lambda: OpcUaServer(config, self.view)
         if config.http is not None:
             sides["http"] = lambda: HttpServer(config, self.view)
+        if config.mqtt is not None:
+            from bridge.north.mqtt.side import MqttSide  # its client library only when it is used
+
+            sides["mqtt"] = lambda: MqttSide(config, self.view)
         return sides
 
     async def _route_write(self, unit: int, request: P.WriteRequest) -> bytes:
@@ -156,11 +160,12 @@ class App:
         self._spawn(f"north {name}", side.run)
 
     async def _retire(self, name: str) -> None:
+        """Stop a side, then end its background work (a side may still need it to say goodbye)."""
         side = self.north.pop(name)
+        await side.stop()
         task = self._forget(f"north {name}")
         if task is not None:
             task.cancel()
-        await side.stop()
 
     def _start_segment(self, seg: Segment) -> None:
         self.segments[seg.cfg.name] = seg

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--modbus-port", type=int, default=5020)
     demo.add_argument("--opcua-port", type=int, default=4840)
     demo.add_argument("--http-port", type=int, default=8080, help="status page, metrics and health")
+    demo.add_argument("--mqtt", metavar="URL", default="",
+                      help="also publish to this broker (one you run, e.g. mqtt://127.0.0.1:1883): Sparkplug B "
+                           "group 'demo', edge node 'demo-panel', and JSON under modbus-bridge/demo")
 
     scan = sub.add_parser("scan", help="find which slave addresses answer on a bus (commissioning)")
     scan.add_argument("--port", required=True, metavar="DEV")
@@ -208,7 +211,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
-    return _serve(lambda stop: run_demo(args.modbus_port, args.opcua_port, stop, args.http_port))
+    return _serve(lambda stop: run_demo(args.modbus_port, args.opcua_port, stop, args.http_port, args.mqtt))
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
@@ -331,6 +334,13 @@ def _points_markdown(config, rows: list[dict]) -> str:
         out.append(f"Modbus TCP: `{tcp.host}:{tcp.port}`; each meter under its unit id, at its own addresses.")
     if ua.enabled:
         out.append(f"OPC UA: `{ua.endpoint}`, namespace `{ua.namespace}`; NodeIds below use the namespace URI.")
+    if config.mqtt is not None:
+        sp, js = config.mqtt.sparkplug, config.mqtt.json
+        if sp is not None:
+            out.append(f"Sparkplug B: group `{sp.group_id}`, edge node `{sp.edge_node_id}`; one device per meter, "
+                       "metric = measurement name.")
+        if js is not None:
+            out.append(f"JSON: `{js.topic}/<meter>`, each value at `values.<measurement>`.")
     out.append("")
     for seg in config.segments:
         for meter in seg.meters:

@@ -22,7 +22,7 @@ DEMO_LAYOUT = {
 
 
 def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, http_port: int = 8080,
-                     host: str = "127.0.0.1") -> str:
+                     host: str = "127.0.0.1", mqtt: str = "") -> str:
     lines = ["# written by `modbus-bridge demo`: simulated meters on pseudo-terminals", "segments:"]
     for segment, meters in DEMO_LAYOUT.items():
         lines += [f"  - name: {segment}", f"    port: {ports[segment]}", "    baudrate: 9600", "    meters:"]
@@ -47,6 +47,14 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
         "http:",
         f"  listen: {host}:{http_port}",
     ]
+    if mqtt:  # a broker the user runs: the demo starts none
+        lines += [
+            "mqtt:",
+            f"  brokers: [{mqtt}]",
+            "  client_id: modbus-bridge-demo",
+            "  sparkplug: {group_id: demo, edge_node_id: demo-panel}",
+            "  json: {topic: modbus-bridge/demo, homeassistant: true}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -58,6 +66,11 @@ def banner(app: App, config_path: Path) -> str:
         f"  Modbus TCP:    127.0.0.1:{port}",
         f"  OPC UA:        {app.config.opcua.endpoint}  (namespace {app.config.opcua.namespace}, no security)",
         f"  status page:   http://127.0.0.1:{app.http.port}/   (also /metrics, /healthz, /readyz)",
+    ]
+    if app.config.mqtt is not None:
+        rows.append(f"  MQTT:          {', '.join(app.config.mqtt.brokers)}  (Sparkplug B spBv1.0/demo/+/demo-panel/#,"
+                    " JSON modbus-bridge/demo/#)")
+    rows += [
         "  meters:",
     ]
     for seg in app.config.segments:
@@ -75,7 +88,7 @@ def banner(app: App, config_path: Path) -> str:
 
 
 async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None = None,
-                   http_port: int = 8080) -> None:
+                   http_port: int = 8080, mqtt: str = "") -> None:
     """Run until ``stop`` is set (or cancelled)."""
     buses = {
         segment: SimulatedBus([SimMeter(slave, get_builtin(profile)) for _, slave, _, profile in meters])
@@ -85,7 +98,7 @@ async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None
     try:
         with tempfile.TemporaryDirectory(prefix="modbus-bridge-demo-") as tmp:
             path = Path(tmp) / "demo.yaml"
-            path.write_text(demo_config_text(ports, modbus_port, opcua_port, http_port))
+            path.write_text(demo_config_text(ports, modbus_port, opcua_port, http_port, mqtt=mqtt))
             async with App(load_config(path)) as app, asyncio.TaskGroup() as tg:
                 print(banner(app, path), flush=True)
                 stopper = tg.create_task((stop or asyncio.Event()).wait())

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from bridge.core import mbap
 from bridge.app import App
 from bridge.core.codec import Function
-from bridge.core.model import Config, HttpConfig, MeterConfig, ModbusTcpConfig, OpcUaConfig, RegisterRange, SegmentConfig
+from bridge.core.model import (Config, HttpConfig, MeterConfig, ModbusTcpConfig, MqttConfig, OpcUaConfig, RegisterRange,
+                               SegmentConfig)
 from bridge.config.profiles import get_builtin
 from bridge.south.simulator import SimMeter, SimulatedBus
 
@@ -76,6 +77,8 @@ async def running_bridge(
     modbus_options: dict | None = None,
     opcua_options: dict | None = None,
     http: bool = False,
+    mqtt: MqttConfig | None = None,
+    state_dir: str = "",
     **segment_options,
 ) -> AsyncIterator[Harness]:
     """Simulated buses (one pty each) and a bridge polling them, Modbus TCP on a free port
@@ -113,6 +116,8 @@ async def running_bridge(
         opcua=replace(OpcUaConfig(enabled=opcua, endpoint=f"opc.tcp://127.0.0.1:{free_port()}/bridge",
                                   namespace=namespace, security=("None",)), **(opcua_options or {})),
         http=HttpConfig("127.0.0.1", 0) if http else None,
+        mqtt=mqtt,
+        state_dir=state_dir,
     )
     try:
         async with App(config) as app:

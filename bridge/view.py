@@ -48,6 +48,7 @@ class NorthStatus:
     address: str  # where it listens, as a client would write it
     counters: Mapping[str, float] = field(default_factory=dict)  # plain numbers
     by_label: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # e.g. requests by function
+    note: str = ""  # the last error, for people: "" while all is well
 
 
 class NorthSource(Protocol):

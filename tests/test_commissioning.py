@@ -119,3 +119,20 @@ def test_points_list_the_consolidated_unit(tmp_path):
     assert len(rows) == 28
     current_m2 = next(r for r in rows if (r["meter"], r["measurement"]) == ("m2", "current"))
     assert (current_m2["address"], current_m2["type"], current_m2["function"]) == (32 + 2, "float32", 4)
+
+
+def test_points_name_the_sparkplug_metric_and_json_path(tmp_path):
+    from bridge.config.loader import load_config
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "segments:\n  - name: a\n    port: /dev/ttyS0\n    meters:\n"
+        "      - {name: incomer, slave: 1, profile: eastron-sdm120}\n"
+        "mqtt:\n  brokers: [mqtt://127.0.0.1]\n  client_id: panel-7\n"
+        "  sparkplug: {group_id: site-a, edge_node_id: panel-7}\n  json: {topic: site-a/panel-7}\n"
+    )
+    rows = points_rows(load_config(path))
+    voltage = next(r for r in rows if r["measurement"] == "voltage")
+    assert voltage["sparkplug"] == "spBv1.0/site-a/DDATA/panel-7/incomer : voltage"
+    assert voltage["json"] == "site-a/panel-7/incomer : values.voltage"
+    assert all(r["sparkplug"] and r["json"] for r in rows)

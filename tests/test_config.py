@@ -10,11 +10,21 @@ import pytest
 from support import write
 
 from bridge.core.codec import Function
-from bridge.config.loader import load_config, summary
+from bridge.config.loader import load_config, parse_broker, parse_duration, summary
 from bridge.core.errors import BridgeError, ConfigError, ConfigIssue
-from bridge.core.model import Config, HttpConfig, ModbusTcpConfig, OpcUaConfig
+from bridge.core.model import (
+    Config,
+    HttpConfig,
+    ModbusTcpConfig,
+    MqttConfig,
+    MqttJsonConfig,
+    MqttQueue,
+    MqttTls,
+    OpcUaConfig,
+    SparkplugConfig,
+)
 from bridge.config.profiles import get_builtin
-from bridge.config.yamlsource import parse_yaml, plain
+from bridge.config.yamlsource import Invalid, parse_yaml, plain
 from bridge.state import ensure_state_dir, state_path
 
 FULL = """
@@ -829,3 +839,582 @@ def test_state_path_names_a_place_inside_the_state_dir(tmp_path):
     assert not (tmp_path / "mqtt").exists()  # naming creates nothing
     with pytest.raises(BridgeError, match="^state_dir is not set; set state_dir to a writable folder$"):
         state_path("", "energy.db")
+
+
+# --- mqtt ---------------------------------------------------------------------------------
+
+MQTT_FULL = """\
+mqtt:
+  brokers: [mqtt://127.0.0.1:1884, "mqtts://[::1]", MQTTS://broker.example:8884]
+  client_id: panel-7
+  username: bridge
+  password_file: secrets/mqtt-password
+  tls: {ca: pki/ca.pem, cert: pki/client.pem, key: pki/client.key}
+  protocol: 3.1.1
+  keepalive: 45
+  queue: {max_mb: 64.5, max_age: 12h}
+  sparkplug:
+    group_id: site-a
+    edge_node_id: panel-7
+    primary_host: scada-1
+    state_v22: true
+    aliases: false
+    deadband: {active_power: 5, voltage: 0.5, frequency: 0}
+  json:
+    topic: modbus-bridge/panel-7
+    max_age: 2m
+    homeassistant: true
+    discovery_prefix: ha/discovery
+"""
+
+MQTT_FILES = ("secrets/mqtt-password", "pki/ca.pem", "pki/client.pem", "pki/client.key")
+
+
+def mqtt_files(base: Path) -> None:
+    for name in MQTT_FILES:
+        write(base, "s3cret pass\n" if name.startswith("secrets/") else "-----BEGIN X-----\n", name=name)
+
+
+def mqtt_text(body: str) -> str:
+    """MINIMAL (lines 1-5), ``mqtt:`` at line 6, then ``body`` (dedented) indented under it from line 7."""
+    return MINIMAL + "mqtt:\n" + textwrap.indent(textwrap.dedent(body).lstrip("\n"), "  ")
+
+
+def mqtt_errors(tmp_path: Path, body: str) -> list[str]:
+    """Every issue as the user reads it, with the configuration file shown as bridge.yaml."""
+    return [str(i).replace(str(tmp_path / "bridge.yaml"), "bridge.yaml") for i in issues_of(tmp_path, mqtt_text(body))]
+
+
+def mqtt_of(tmp_path: Path, body: str) -> MqttConfig:
+    return load_config(write(tmp_path, mqtt_text(body))).mqtt
+
+
+def test_mqtt_full_example_loads_exactly(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    mqtt_files(site)
+    write(site, MINIMAL + MQTT_FULL)
+    monkeypatch.chdir(tmp_path)  # files are found next to the configuration, wherever we run from
+    config = load_config("site/bridge.yaml")
+    assert config.mqtt == MqttConfig(
+        brokers=("mqtt://127.0.0.1:1884", "mqtts://[::1]:8883", "mqtts://broker.example:8884"),
+        client_id="panel-7",
+        username="bridge",
+        password="s3cret pass",  # read from the file at load, its newline dropped
+        tls=MqttTls(ca=str(site / "pki/ca.pem"), cert=str(site / "pki/client.pem"), key=str(site / "pki/client.key")),
+        protocol="3.1.1",
+        keepalive=45.0,
+        queue=MqttQueue(max_mb=64.5, max_age=43200.0),
+        sparkplug=SparkplugConfig(group_id="site-a", edge_node_id="panel-7", primary_host="scada-1",
+                                  state_v22=True, aliases=False,
+                                  deadband=(("active_power", 5.0), ("voltage", 0.5), ("frequency", 0.0))),
+        json=MqttJsonConfig(topic="modbus-bridge/panel-7", max_age=120.0, homeassistant=True,
+                            discovery_prefix="ha/discovery"),
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.mqtt.client_id = "x"  # type: ignore[misc]
+
+
+def test_mqtt_is_off_without_the_key(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).mqtt is None
+
+
+def test_mqtt_defaults_come_from_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr("socket.gethostname", lambda: "panel-7")
+    mqtt = mqtt_of(tmp_path, """
+        brokers: [mqtt://broker]
+        json: {topic: site}
+        """)
+    assert mqtt == MqttConfig(brokers=("mqtt://broker:1883",), client_id="modbus-bridge-panel-7",
+                              json=MqttJsonConfig(topic="site"))
+    assert (mqtt.username, mqtt.password, mqtt.tls, mqtt.protocol, mqtt.keepalive, mqtt.sparkplug) == (
+        "", "", None, "5", 30.0, None)
+    assert mqtt.queue == MqttQueue() == MqttQueue(max_mb=256.0, max_age=7 * 86400.0)
+    assert (mqtt.json.max_age, mqtt.json.homeassistant, mqtt.json.discovery_prefix) == (60.0, False, "homeassistant")
+    sparkplug = mqtt_of(tmp_path, """
+        brokers: [mqtt://broker]
+        sparkplug: {group_id: g, edge_node_id: n}
+        queue:
+        """)
+    assert sparkplug.sparkplug == SparkplugConfig(group_id="g", edge_node_id="n", primary_host="", state_v22=False,
+                                                  aliases=True, deadband=())
+    assert sparkplug.queue == MqttQueue() and sparkplug.json is None
+
+
+def test_mqtts_without_tls_uses_the_system_cas(tmp_path):
+    mqtt = mqtt_of(tmp_path, """
+        brokers: [mqtts://broker]
+        json: {topic: site}
+        """)
+    assert (mqtt.brokers, mqtt.tls) == (("mqtts://broker:8883",), None)
+    for empty in ("tls:", "tls: {}"):
+        mqtt = mqtt_of(tmp_path, f"""
+            brokers: [mqtt://plain, mqtts://broker]
+            {empty}
+            json: {{topic: site}}
+            """)
+        assert mqtt.tls == MqttTls(ca="", cert="", key="")  # present but empty: the system's CAs, no client cert
+
+
+def test_mqtt_tls_ca_alone_and_absolute_paths(tmp_path):
+    write(tmp_path, "x", name="ca.pem")
+    mqtt = mqtt_of(tmp_path, f"""
+        brokers: [mqtts://broker]
+        tls: {{ca: {tmp_path / 'ca.pem'}}}
+        json: {{topic: site}}
+        """)
+    assert mqtt.tls == MqttTls(ca=str(tmp_path / "ca.pem"))
+
+
+@pytest.mark.parametrize(("url", "normalised"), [
+    ("mqtt://broker", "mqtt://broker:1883"),
+    ("mqtts://broker", "mqtts://broker:8883"),
+    ("mqtt://10.0.0.5:1884", "mqtt://10.0.0.5:1884"),
+    ("mqtts://broker.example.com:443", "mqtts://broker.example.com:443"),
+    ("MQTT://Broker_1", "mqtt://Broker_1:1883"),
+    ("mqtt://[::1]", "mqtt://[::1]:1883"),
+    ("mqtts://[fe80::1%eth0]:8884", "mqtts://[fe80::1%eth0]:8884"),
+])
+def test_mqtt_broker_forms(tmp_path, url, normalised):
+    assert mqtt_of(tmp_path, f"brokers: ['{url}']\njson: {{topic: t}}\n").brokers == (normalised,)
+
+
+FORM = "expected mqtt://host[:port] or mqtts://host[:port] (an IPv6 host in brackets: mqtt://[::1]:1883)"
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("broker:1883", f"{FORM}, got 'broker:1883'"),
+    ("tcp://broker:1883", f"{FORM}, got 'tcp://broker:1883'"),
+    ("ws://broker", f"{FORM}, got 'ws://broker'"),
+    ("mqtt://", f"{FORM}, got 'mqtt://'"),
+    ("mqtt://broker:", f"{FORM}, got 'mqtt://broker:'"),
+    ("mqtt://broker/topic", f"{FORM}, got 'mqtt://broker/topic'"),
+    ("mqtt://user:pw@broker", f"{FORM}, got 'mqtt://user:pw@broker'"),
+    ("mqtt://::1:1883", f"{FORM}, got 'mqtt://::1:1883'"),
+    ("mqtt://broker:0", "port 0 is out of range 1..65535 in 'mqtt://broker:0'"),
+    ("mqtt://broker:65536", "port 65536 is out of range 1..65535 in 'mqtt://broker:65536'"),
+    ("mqtt://[broker]:1883", "'broker' in brackets is not an IPv6 address in 'mqtt://[broker]:1883'"),
+])
+def test_mqtt_bad_brokers(tmp_path, url, message):
+    assert mqtt_errors(tmp_path, f"""
+        json: {{topic: t}}
+        brokers:
+          - mqtt://good
+          - '{url}'
+        """) == [f"bridge.yaml:10: mqtt.brokers[1]: {message}"]
+
+
+def test_mqtt_broker_list_errors(tmp_path):
+    assert mqtt_errors(tmp_path, "brokers: []\njson: {topic: t}\n") == [
+        "bridge.yaml:7: mqtt.brokers: must list at least one broker"]
+    assert mqtt_errors(tmp_path, "brokers: mqtt://broker\njson: {topic: t}\n") == [
+        "bridge.yaml:7: mqtt.brokers: expected a list of brokers, got 'mqtt://broker'"]
+    assert mqtt_errors(tmp_path, "brokers: [5]\njson: {topic: t}\n") == [
+        f"bridge.yaml:7: mqtt.brokers[0]: {FORM}, got 5"]
+    assert mqtt_errors(tmp_path, """
+        brokers:
+          - mqtt://broker
+          - mqtt://broker:1883
+        json: {topic: t}
+        """) == ["bridge.yaml:9: mqtt.brokers[1]: mqtt://broker:1883 is already listed (line 8)"]
+
+
+def test_parse_broker_is_a_pure_helper():
+    assert parse_broker("mqtt://broker") == (False, "broker", 1883)
+    assert parse_broker("mqtts://[2001:db8::7]:8884") == (True, "2001:db8::7", 8884)
+    assert parse_broker("mqtts://broker:8883") == (True, "broker", 8883)
+    with pytest.raises(ValueError, match=r"^expected mqtt://host\[:port\] or mqtts://host\[:port\]"):
+        parse_broker("http://broker")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (45, 45.0), (0.5, 0.5), ("45s", 45.0), ("30m", 1800.0), ("12h", 43200.0), ("7d", 604800.0), ("1.5h", 5400.0)])
+def test_durations(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+DURATION_FORM = "expected seconds (a number) or a duration like 7d, 12h, 30m or 45s"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("7", f"{DURATION_FORM}, got '7'"),
+    ("7 d", f"{DURATION_FORM}, got '7 d'"),
+    ("7D", f"{DURATION_FORM}, got '7D'"),
+    ("1w", f"{DURATION_FORM}, got '1w'"),
+    ("1h30m", f"{DURATION_FORM}, got '1h30m'"),
+    ("-5s", f"{DURATION_FORM}, got '-5s'"),
+    ("", f"{DURATION_FORM}, got ''"),
+    (True, f"{DURATION_FORM}, got true"),
+    (None, f"{DURATION_FORM}, got nothing (null)"),
+    ([1], f"{DURATION_FORM}, got a list"),
+    (0, "must be a duration greater than 0, got 0"),
+    ("0s", "must be a duration greater than 0, got '0s'"),
+    (-1.5, "must be a duration greater than 0, got -1.5"),
+    (float("inf"), "must be a duration greater than 0, got inf"),
+])
+def test_bad_durations(value, message):
+    with pytest.raises(Invalid) as info:
+        parse_duration(value)
+    assert str(info.value) == message
+
+
+def test_durations_in_the_file(tmp_path):
+    mqtt = mqtt_of(tmp_path, """
+        brokers: [mqtt://b]
+        queue: {max_age: 30m}
+        json: {topic: t, max_age: 90}
+        """)
+    assert (mqtt.queue, mqtt.json.max_age) == (MqttQueue(max_mb=256.0, max_age=1800.0), 90.0)
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtt://b]
+        queue:
+          max_mb: 0
+          max_age: 1 week
+        json: {topic: t, max_age: 0}
+        """) == [
+        "bridge.yaml:9: mqtt.queue.max_mb: must be greater than 0, got 0",
+        f"bridge.yaml:10: mqtt.queue.max_age: {DURATION_FORM}, got '1 week'",
+        "bridge.yaml:11: mqtt.json.max_age: must be a duration greater than 0, got 0",
+    ]
+
+
+def test_mqtt_password_inline_and_from_a_file(tmp_path):
+    mqtt = mqtt_of(tmp_path, """
+        brokers: [mqtt://b]
+        username: bridge
+        password: "123456"
+        json: {topic: t}
+        """)
+    assert (mqtt.username, mqtt.password) == ("bridge", "123456")
+    for content, expected in (("pw\n", "pw"), ("pw", "pw"), ("pw\r\n", "pw"), (" p w \n", " p w "), ("pässwörd\n", "pässwörd")):
+        (tmp_path / "pw.txt").write_bytes(content.encode())
+        mqtt = mqtt_of(tmp_path, "brokers: [mqtt://b]\nusername: u\npassword_file: pw.txt\njson: {topic: t}\n")
+        assert mqtt.password == expected, content
+
+
+def test_mqtt_username_alone_is_fine(tmp_path):
+    mqtt = mqtt_of(tmp_path, "brokers: [mqtt://b]\nusername: u\njson: {topic: t}\n")
+    assert (mqtt.username, mqtt.password) == ("u", "")
+
+
+def test_mqtt_password_file_errors(tmp_path):
+    pw = tmp_path / "pw.txt"
+    body = "brokers: [mqtt://b]\nusername: u\npassword_file: pw.txt\njson: {topic: t}\n"
+    assert mqtt_errors(tmp_path, body) == [f"bridge.yaml:9: mqtt.password_file: file not found: {pw}"]
+    pw.mkdir()
+    assert mqtt_errors(tmp_path, body) == [f"bridge.yaml:9: mqtt.password_file: {pw} is a folder, not a file"]
+    pw.rmdir()
+    for content, message in ((b"", f"{pw} is empty"), (b"\n", f"{pw} is empty"),
+                             (b"one\ntwo\n", f"{pw} has more than one line; it must hold the password alone"),
+                             (b"\xff\xfe", f"{pw} is not UTF-8 text"),
+                             (b"a\0b", f"the password in {pw} must not contain the NUL character (U+0000)"),
+                             (b"x" * 65536, f"the password in {pw} is 65536 bytes in UTF-8; MQTT allows at most 65535")):
+        pw.write_bytes(content)
+        assert mqtt_errors(tmp_path, body) == [f"bridge.yaml:9: mqtt.password_file: {message}"], content
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\nusername: u\npassword_file: /dev/null\njson: {topic: t}\n") == [
+        "bridge.yaml:9: mqtt.password_file: /dev/null is not a regular file"]
+
+
+def test_mqtt_password_rules(tmp_path):
+    write(tmp_path, "pw\n", name="pw.txt")
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\npassword: pw\njson: {topic: t}\n") == [
+        "bridge.yaml:8: mqtt.password: password needs username"]
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\npassword_file: pw.txt\njson: {topic: t}\n") == [
+        "bridge.yaml:8: mqtt.password_file: password_file needs username"]
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtt://b]
+        username: u
+        password: pw
+        password_file: pw.txt
+        json: {topic: t}
+        """) == ["bridge.yaml:10: mqtt.password_file: give password or password_file, not both"]
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\nusername: u\npassword: 1234\njson: {topic: t}\n") == [
+        "bridge.yaml:9: mqtt.password: expected a string, got 1234"]
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\nusername: ''\npassword: ''\njson: {topic: t}\n") == [
+        "bridge.yaml:8: mqtt.username: must not be empty", "bridge.yaml:9: mqtt.password: must not be empty"]
+
+
+def test_mqtt_tls_file_errors(tmp_path):
+    write(tmp_path, "x", name="client.pem")
+    (tmp_path / "pki").mkdir()
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtts://b]
+        tls:
+          ca: pki
+          cert: client.pem
+          key: client.key
+        json: {topic: t}
+        """) == [
+        f"bridge.yaml:9: mqtt.tls.ca: {tmp_path / 'pki'} is a folder, not a file",
+        f"bridge.yaml:11: mqtt.tls.key: file not found: {tmp_path / 'client.key'}",
+    ]
+
+
+def test_mqtt_tls_cert_and_key_go_together(tmp_path):
+    write(tmp_path, "x", name="client.pem")
+    write(tmp_path, "x", name="client.key")
+    pairing = "the client certificate and its private key go together"
+    assert mqtt_errors(tmp_path, "brokers: [mqtts://b]\ntls: {cert: client.pem}\njson: {topic: t}\n") == [
+        f"bridge.yaml:8: mqtt.tls.cert: cert needs key: {pairing}"]
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtts://b]
+        tls:
+          key: client.key
+        json: {topic: t}
+        """) == [f"bridge.yaml:9: mqtt.tls.key: key needs cert: {pairing}"]
+
+
+def test_mqtt_tls_needs_an_mqtts_broker(tmp_path):
+    write(tmp_path, "x", name="ca.pem")
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtt://a, mqtt://b:1884]
+        tls:
+          ca: ca.pem
+        json: {topic: t}
+        """) == ["bridge.yaml:8: mqtt.tls: tls needs mqtts:// brokers"]  # the key's line, not its first entry's
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://a]\ntls: {ca: ''}\njson: {topic: t}\n") == [
+        "bridge.yaml:8: mqtt.tls.ca: must not be empty", "bridge.yaml:8: mqtt.tls: tls needs mqtts:// brokers"]
+
+
+@pytest.mark.parametrize(("written", "protocol"), [
+    ("5", "5"), ("'5'", "5"), ("5.0", "5"), ("3.1.1", "3.1.1"), ("'3.1.1'", "3.1.1")])
+def test_mqtt_protocol_versions(tmp_path, written, protocol):
+    assert mqtt_of(tmp_path, f"brokers: [mqtt://b]\nprotocol: {written}\njson: {{topic: t}}\n").protocol == protocol
+
+
+MQTT_VALUE_CASES = [
+    ("protocol: 4", "mqtt.protocol", "unknown MQTT protocol version 4; expected 3.1.1 or 5"),
+    ("protocol: 3.1", "mqtt.protocol", "unknown MQTT protocol version 3.1; expected 3.1.1 or 5"),
+    ("protocol: v5", "mqtt.protocol", "unknown MQTT protocol version 'v5'; expected 3.1.1 or 5"),
+    ("protocol: true", "mqtt.protocol", "unknown MQTT protocol version true; expected 3.1.1 or 5"),
+    ("keepalive: 0", "mqtt.keepalive", "expected whole seconds 1..65535 (MQTT's keep alive), got 0"),
+    ("keepalive: 2.5", "mqtt.keepalive", "expected whole seconds 1..65535 (MQTT's keep alive), got 2.5"),
+    ("keepalive: 65536", "mqtt.keepalive", "expected whole seconds 1..65535 (MQTT's keep alive), got 65536"),
+    ("keepalive: 30s", "mqtt.keepalive", "expected a number, got '30s'"),
+    ("client_id: ''", "mqtt.client_id", "must not be empty"),
+    ("client_id: 7", "mqtt.client_id", "expected a string, got 7"),
+    ("client_id: panel+7", "mqtt.client_id", "'panel+7' must not contain the wildcards '+' or '#'"),
+    ("client_id: 'panel#7'", "mqtt.client_id", "'panel#7' must not contain the wildcards '+' or '#'"),
+    ('client_id: "a\\0b"', "mqtt.client_id", "must not contain the NUL character (U+0000)"),
+    ('client_id: "a\\ud800"', "mqtt.client_id", "'a\\ud800' is not valid UTF-8 (a lone surrogate)"),
+    (f"client_id: {'é' * 32768}", "mqtt.client_id", "is 65536 bytes in UTF-8; MQTT allows at most 65535"),
+    ("username: [a]", "mqtt.username", "expected a string, got a list"),
+    ("queue: 256", "mqtt.queue", "expected a mapping with keys max_mb, max_age, got 256"),
+    ("queue: {max_mb: big}", "mqtt.queue.max_mb", "expected a number, got 'big'"),
+    ("queue: {size: 5}", "mqtt.queue.size", "unknown key 'size'; expected one of: max_mb, max_age"),
+    ("tls: ca.pem", "mqtt.tls", "expected a mapping with keys ca, cert, key, got 'ca.pem'"),
+    ("brokerz: []", "mqtt.brokerz", "unknown key 'brokerz'; did you mean 'brokers'?"),
+]
+
+
+@pytest.mark.parametrize(("line", "key", "message"), MQTT_VALUE_CASES)
+def test_mqtt_value_errors(tmp_path, line, key, message):
+    assert mqtt_errors(tmp_path, f"brokers: [mqtts://b]\njson: {{topic: t}}\n{line}\n") == [
+        f"bridge.yaml:9: {key}: {message}"]
+
+
+def test_mqtt_client_id_may_be_long_and_unicode(tmp_path):
+    client_id = "ü" * 40  # more than MQTT 3.1.1's guaranteed 23 characters: many brokers take it, no warning
+    assert mqtt_of(tmp_path, f"brokers: [mqtt://b]\nclient_id: {client_id}\njson: {{topic: t}}\n").client_id == client_id
+
+
+def test_mqtt_needs_sparkplug_or_json(tmp_path):
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtt://b]
+        client_id: x
+        """) == ["bridge.yaml:7: mqtt: mqtt needs sparkplug: or json:"]  # where the mapping starts, like a missing key
+    assert mqtt_errors(tmp_path, "") == [
+        "bridge.yaml:6: mqtt.brokers: missing required key 'brokers'", "bridge.yaml:6: mqtt: mqtt needs sparkplug: or json:"]
+    assert [e.replace(str(tmp_path / "bridge.yaml"), "bridge.yaml") for e in map(str, issues_of(
+        tmp_path, MINIMAL + "mqtt: [mqtt://b]\n"))] == [
+        "bridge.yaml:6: mqtt: expected a mapping with keys brokers, client_id, username, password, password_file, "
+        "tls, protocol, keepalive, queue, sparkplug, json, got a list"]
+
+
+SPARKPLUG_CASES = [
+    ("group_id: ''", "mqtt.sparkplug.group_id", "must not be empty"),
+    ("group_id: site/a", "mqtt.sparkplug.group_id", "'site/a' is not a Sparkplug id: it must not contain '/'"),
+    ("group_id: 'a+b#c'", "mqtt.sparkplug.group_id",
+     "'a+b#c' is not a Sparkplug id: it must not contain '+' or '#'"),
+    ("group_id: 'a+/#'", "mqtt.sparkplug.group_id",
+     "'a+/#' is not a Sparkplug id: it must not contain '+', '/' or '#'"),
+    ("edge_node_id: 'panel#7'", "mqtt.sparkplug.edge_node_id",
+     "'panel#7' is not a Sparkplug id: it must not contain '#'"),
+    ("edge_node_id: 7", "mqtt.sparkplug.edge_node_id", "expected a string, got 7"),
+    ("primary_host: scada/1", "mqtt.sparkplug.primary_host", "'scada/1' is not a Sparkplug id: it must not contain '/'"),
+    ("primary_host: ''", "mqtt.sparkplug.primary_host", "must not be empty"),
+    ("state_v22: yes please", "mqtt.sparkplug.state_v22", "expected true or false, got 'yes please'"),
+    ("state_v22: true", "mqtt.sparkplug.state_v22",
+     "state_v22 describes the primary host's STATE messages; it needs primary_host"),
+    ("aliases: 1", "mqtt.sparkplug.aliases", "expected true or false, got 1"),
+    ("deadband: {voltage: -1}", "mqtt.sparkplug.deadband.voltage", "must be 0 or more, got -1"),
+    ("deadband: {voltage: lots}", "mqtt.sparkplug.deadband.voltage", "expected a number, got 'lots'"),
+    ("deadband: [voltage]", "mqtt.sparkplug.deadband",
+     "expected a mapping of measurement names to deadbands, e.g. {active_power: 5}, got a list"),
+    ("deadband: {1: 5}", "mqtt.sparkplug.deadband.1", "expected a measurement name, got 1"),
+    ("deadband: {voltag: 1}", "mqtt.sparkplug.deadband.voltag",
+     "no configured meter has a measurement 'voltag'; did you mean 'voltage'?"),
+    ("deadband: {temperature: 1}", "mqtt.sparkplug.deadband.temperature",
+     "no configured meter has a measurement 'temperature'"),
+    ("group: x", "mqtt.sparkplug.group", "unknown key 'group'; did you mean 'group_id'?"),
+]
+
+
+def section_with(section: str, required: dict[str, str], line: str) -> tuple[str, int]:
+    """An mqtt body with ``section`` holding its ``required`` keys and ``line`` last (replacing the key it
+    sets, if required); and the line number ``line`` gets in the file (brokers at 7, the section at 8)."""
+    fields = {key: f"{key}: {value}" for key, value in required.items()}
+    fields.pop(line.split(":")[0], None)
+    body = [*fields.values(), line]
+    return f"brokers: [mqtt://b]\n{section}:\n" + "".join(f"  {entry}\n" for entry in body), 8 + len(body)
+
+
+@pytest.mark.parametrize(("line", "key", "message"), SPARKPLUG_CASES)
+def test_mqtt_sparkplug_errors(tmp_path, line, key, message):
+    body, number = section_with("sparkplug", {"group_id": "g", "edge_node_id": "n"}, line)
+    assert mqtt_errors(tmp_path, body) == [f"bridge.yaml:{number}: {key}: {message}"]
+
+
+def test_mqtt_sparkplug_missing_ids_and_deadband_lines(tmp_path):
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\nsparkplug: {primary_host: h}\n") == [
+        "bridge.yaml:8: mqtt.sparkplug.group_id: missing required key 'group_id'",
+        "bridge.yaml:8: mqtt.sparkplug.edge_node_id: missing required key 'edge_node_id'"]
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\nsparkplug:\n") == [
+        "bridge.yaml:8: mqtt.sparkplug: expected a mapping with keys group_id, edge_node_id, primary_host, "
+        "state_v22, aliases, deadband, got nothing (null)"]
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtt://b]
+        sparkplug:
+          group_id: g
+          edge_node_id: n
+          deadband:
+            voltage: 1
+            nonsense:
+              5
+        """) == ["bridge.yaml:13: mqtt.sparkplug.deadband.nonsense: no configured meter has a measurement 'nonsense'"]
+
+
+def test_mqtt_deadband_names_any_configured_meters_measurement(tmp_path):
+    site = tmp_path / "site"
+    write(site, """
+        name: heat
+        measurements:
+          - {name: flow_temperature, address: 0, type: float32, unit: degC}
+        """, name="heat.yaml")
+    config = load_config(write(site, """
+        segments:
+          - name: a
+            port: /dev/ttyS0
+            meters:
+              - {name: m1, slave: 1, profile: eastron-sdm120}
+              - {name: m2, slave: 2, profile: heat.yaml}
+        mqtt:
+          brokers: [mqtt://b]
+          sparkplug:
+            group_id: g
+            edge_node_id: n
+            deadband: {flow_temperature: 0.2, active_power: 10}
+        """))
+    assert config.mqtt.sparkplug.deadband == (("flow_temperature", 0.2), ("active_power", 10.0))
+
+
+def test_mqtt_deadband_is_not_checked_against_meters_that_failed(tmp_path):
+    # the meter's profile is unknown: only that is reported, not a deadband naming its measurements
+    found = issues_of(tmp_path, MINIMAL.replace("eastron-sdm120", "nope") + textwrap.dedent("""\
+        mqtt:
+          brokers: [mqtt://b]
+          sparkplug: {group_id: g, edge_node_id: n, deadband: {voltage: 1}}
+        """))
+    assert where(found) == [(5, "segments[0].meters[0].profile")]
+
+
+JSON_CASES = [
+    ("topic: ''", "mqtt.json.topic", "must not be empty"),
+    ("topic: 5", "mqtt.json.topic", "expected a string, got 5"),
+    ("topic: site/+/x", "mqtt.json.topic", "'site/+/x' must not contain the wildcard '+'"),
+    ("topic: 'site/#'", "mqtt.json.topic", "'site/#' must not contain the wildcard '#'"),
+    ("topic: 'a+#'", "mqtt.json.topic", "'a+#' must not contain the wildcard '+' or '#'"),
+    ("topic: /site", "mqtt.json.topic", "'/site' must not start or end with '/'"),
+    ("topic: site/", "mqtt.json.topic", "'site/' must not start or end with '/'"),
+    ("topic: site//panel", "mqtt.json.topic", "'site//panel' must not have an empty level ('//')"),
+    ("topic: $SYS/x", "mqtt.json.topic", "'$SYS/x' must not start with '$' (the broker's own topics)"),
+    ("homeassistant: 1", "mqtt.json.homeassistant", "expected true or false, got 1"),
+    ("discovery_prefix: ha", "mqtt.json.discovery_prefix", "discovery_prefix is used only with homeassistant: true"),
+    ("max_age: -1", "mqtt.json.max_age", "must be a duration greater than 0, got -1"),
+    ("retain: true", "mqtt.json.retain", "unknown key 'retain'; expected one of: topic, max_age, homeassistant, "
+                                         "discovery_prefix"),
+]
+
+
+@pytest.mark.parametrize(("line", "key", "message"), JSON_CASES)
+def test_mqtt_json_errors(tmp_path, line, key, message):
+    body, number = section_with("json", {"topic": "site"}, line)
+    assert mqtt_errors(tmp_path, body) == [f"bridge.yaml:{number}: {key}: {message}"]
+
+
+def test_section_helper_puts_the_line_where_it_says():
+    body, number = section_with("json", {"topic": "site"}, "max_age: 5")
+    assert mqtt_text(body).lstrip("\n").splitlines()[number - 1].strip() == "max_age: 5"
+    body, number = section_with("sparkplug", {"group_id": "g", "edge_node_id": "n"}, "group_id: x")
+    assert mqtt_text(body).lstrip("\n").splitlines()[number - 1].strip() == "group_id: x"
+
+
+def test_mqtt_json_discovery_prefix_is_a_topic(tmp_path):
+    assert mqtt_errors(tmp_path, """
+        brokers: [mqtt://b]
+        json: {topic: site, homeassistant: true, discovery_prefix: ha/}
+        """) == ["bridge.yaml:8: mqtt.json.discovery_prefix: 'ha/' must not start or end with '/'"]
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\njson:\n") == [
+        "bridge.yaml:8: mqtt.json: expected a mapping with keys topic, max_age, homeassistant, discovery_prefix, "
+        "got nothing (null)"]
+    assert mqtt_errors(tmp_path, "brokers: [mqtt://b]\njson: {max_age: 5}\n") == [
+        "bridge.yaml:8: mqtt.json.topic: missing required key 'topic'"]
+
+
+def test_a_meter_named_status_would_take_the_json_status_topic(tmp_path):
+    found = issues_of(tmp_path, MINIMAL.replace("name: m1", "name: status") + textwrap.dedent("""\
+        mqtt:
+          brokers: [mqtt://b]
+          json: {topic: site/panel}
+        """))
+    assert [str(i) for i in found] == [
+        f"{tmp_path / 'bridge.yaml'}:8: mqtt.json.topic: meter 'status' (line 5) would publish on site/panel/status, "
+        "the bridge's online/offline topic; rename the meter"]
+    # Sparkplug alone has no such topic
+    config = load_config(write(tmp_path, MINIMAL.replace("name: m1", "name: status") + textwrap.dedent("""\
+        mqtt:
+          brokers: [mqtt://b]
+          sparkplug: {group_id: g, edge_node_id: n}
+        """)))
+    assert config.mqtt.sparkplug is not None
+
+
+@pytest.mark.parametrize("name", ["a/b", "a+b", "a#b", "a b"])
+def test_meter_names_cannot_hold_topic_separators_or_wildcards(tmp_path, name):
+    # meter names are Sparkplug device ids and JSON topic levels: the name rule already keeps '/', '+', '#' out
+    issue = one_issue(tmp_path, MINIMAL.replace("name: m1", f"name: '{name}'"))
+    assert (issue.line, issue.key) == (5, "segments[0].meters[0].name")
+    assert issue.message == f"{name!r} is not allowed: use letters, digits, '-' and '_'"
+
+
+def test_mqtt_errors_come_with_the_others_in_line_order(tmp_path):
+    found = issues_of(tmp_path, MINIMAL.replace("slave: 7", "slave: 0") + textwrap.dedent("""\
+        mqtt:
+          brokers: [tcp://b]
+          keepalive: 0
+          sparkplug: {group_id: g/h, edge_node_id: n}
+        """))
+    assert where(found) == [(5, "segments[0].meters[0].slave"), (7, "mqtt.brokers[0]"), (8, "mqtt.keepalive"),
+                            (9, "mqtt.sparkplug.group_id")]
+
+
+def test_summary_describes_mqtt(tmp_path, monkeypatch):
+    assert "mqtt: off" in summary(load_config(write(tmp_path, MINIMAL)))
+    mqtt_files(tmp_path)
+    text = summary(load_config(write(tmp_path, MINIMAL + MQTT_FULL)))
+    assert ("mqtt: mqtt://127.0.0.1:1884, mqtts://[::1]:8883, mqtts://broker.example:8884 as panel-7 (MQTT 3.1.1); "
+            "sparkplug group site-a, edge node panel-7, primary host scada-1; "
+            "json modbus-bridge/panel-7/<meter>, home assistant discovery under ha/discovery/") in text.splitlines()
+    monkeypatch.setattr("socket.gethostname", lambda: "box")
+    text = summary(load_config(write(tmp_path, mqtt_text("brokers: [mqtt://b]\nsparkplug: {group_id: g, edge_node_id: n}\n"))))
+    assert "mqtt: mqtt://b:1883 as modbus-bridge-box (MQTT 5); sparkplug group g, edge node n" in text.splitlines()
+    assert "s3cret" not in text

@@ -8,9 +8,13 @@ the checked records, which still know the line of every value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import math
 import os
 import re
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +26,15 @@ from bridge.core.model import (
     HttpConfig,
     MeterConfig,
     ModbusTcpConfig,
+    MqttConfig,
+    MqttJsonConfig,
+    MqttQueue,
+    MqttTls,
     OpcUaConfig,
     OpcUaUser,
     Profile,
     SegmentConfig,
+    SparkplugConfig,
 )
 from bridge.config.profiles import RANGES, UnknownProfile, build_ranges, resolve_profile
 from bridge.config.yamlsource import (
@@ -33,6 +42,7 @@ from bridge.config.yamlsource import (
     Ctx,
     Field,
     Invalid,
+    Node,
     Record,
     boolean,
     integer,
@@ -162,12 +172,262 @@ HTTP_SCHEMA: dict[str, Field] = {
     "listen": Field(LISTEN, (_default(HttpConfig, "host"), _default(HttpConfig, "port"))),
 }
 
+# --- mqtt ------------------------------------------------------------------------------------
+
+BROKER_FORM = "expected mqtt://host[:port] or mqtts://host[:port] (an IPv6 host in brackets: mqtt://[::1]:1883)"
+MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}  # the scheme's default port
+MQTT_STRING_MAX = 65535  # bytes of UTF-8: the longest string an MQTT packet can carry
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION_FORM = "expected seconds (a number) or a duration like 7d, 12h, 30m or 45s"
+CLIENT_ID_PREFIX = "modbus-bridge-"
+JSON_STATUS_LEVEL = "status"  # <json.topic>/status: the bridge's online/offline topic (the Will)
+
+
+def parse_broker(url: str) -> tuple[bool, str, int]:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` → (tls, host, port). Pure.
+
+    The port defaults to the scheme's (1883, 8883); an IPv6 host is written in brackets and returned
+    without them. Anything else raises ``ValueError`` naming the accepted form."""
+    if not isinstance(url, str):
+        raise ValueError(f"{BROKER_FORM}, got {show(url)}")
+    match = re.fullmatch(r"([A-Za-z]+)://(?:\[([^\[\]]+)\]|([A-Za-z0-9._-]+))(?::(\d{1,5}))?", url)
+    scheme = match.group(1).lower() if match else ""
+    if scheme not in MQTT_PORTS:
+        raise ValueError(f"{BROKER_FORM}, got {url!r}")
+    host = match.group(2) or match.group(3)
+    if match.group(2):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address in {url!r}") from None
+    port = int(match.group(4)) if match.group(4) else MQTT_PORTS[scheme]
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1..65535 in {url!r}")
+    return scheme == "mqtts", host, port
+
+
+def broker_url(tls: bool, host: str, port: int) -> str:
+    """The normalised form ``MqttConfig.brokers`` holds: lower-case scheme, explicit port."""
+    return f"{'mqtts' if tls else 'mqtt'}://{_hostport(host, port)}"
+
+
+def _broker(value: Any) -> str:
+    try:
+        return broker_url(*parse_broker(value))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
+_BROKER_ITEMS = list_of(scalar(_broker), what="broker")
+
+
+def _brokers(node: Node, ctx: Ctx) -> Any:
+    """A non-empty list of broker URLs, normalised, none listed twice."""
+    urls = _BROKER_ITEMS(node, ctx)
+    if urls is INVALID:
+        return INVALID
+    first: dict[str, int] = {}
+    for i, (url, child) in enumerate(zip(urls, node.value)):
+        if url is INVALID:
+            continue
+        if url in first:
+            ctx.child(i).report(child.line, f"{url} is already listed (line {first[url]})")
+            urls[i] = INVALID
+        else:
+            first[url] = child.line
+    return INVALID if INVALID in urls else tuple(urls)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds > 0 from a number of seconds or a string ``<number><unit>``, unit s, m, h or d
+    (``7d``, ``12h``, ``1.5h``, ``30m``, ``45s``). Raises ``Invalid`` with a message for the user."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise Invalid(f"{DURATION_FORM}, got {show(value)}")
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value)
+        if not match:
+            raise Invalid(f"{DURATION_FORM}, got {value!r}")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise Invalid(f"must be a duration greater than 0, got {show(value)}")
+    return seconds
+
+
+DURATION = scalar(parse_duration)
+
+
+def _mqtt_string(value: Any) -> str:
+    """A non-empty string an MQTT packet can carry: valid UTF-8, no U+0000, at most 65535 bytes."""
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {show(value)}")
+    if not value:
+        raise Invalid("must not be empty")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise Invalid(f"{value!r} is not valid UTF-8 (a lone surrogate)") from None
+    if "\0" in value:
+        raise Invalid("must not contain the NUL character (U+0000)")
+    if size > MQTT_STRING_MAX:
+        raise Invalid(f"is {size} bytes in UTF-8; MQTT allows at most {MQTT_STRING_MAX}")
+    return value
+
+
+def _client_id(value: Any) -> str:
+    value = _mqtt_string(value)
+    if "+" in value or "#" in value:
+        raise Invalid(f"{value!r} must not contain the wildcards '+' or '#'")
+    return value
+
+
+def default_client_id() -> str:
+    """``modbus-bridge-<host name>``: the client id when the file gives none."""
+    host = socket.gethostname()
+    return f"{CLIENT_ID_PREFIX}{host}" if host else CLIENT_ID_PREFIX.rstrip("-")
+
+
+def _sparkplug_id(value: Any) -> str:
+    """A group, edge node or host id (Sparkplug 3.0 §4.1: UTF-8 without '+', '/' and '#')."""
+    value = _mqtt_string(value)
+    reserved = [c for c in "+/#" if c in value]
+    if reserved:
+        raise Invalid(f"{value!r} is not a Sparkplug id: it must not contain {_either(reserved)}")
+    return value
+
+
+def _topic(value: Any) -> str:
+    """A topic prefix we publish under: no wildcards, no empty level, not a broker ($) topic."""
+    value = _mqtt_string(value)
+    wildcards = [c for c in "+#" if c in value]
+    if wildcards:
+        raise Invalid(f"{value!r} must not contain the wildcard {_either(wildcards)}")
+    if value.startswith("/") or value.endswith("/"):
+        raise Invalid(f"{value!r} must not start or end with '/'")
+    if "//" in value:
+        raise Invalid(f"{value!r} must not have an empty level ('//')")
+    if value.startswith("$"):
+        raise Invalid(f"{value!r} must not start with '$' (the broker's own topics)")
+    return value
+
+
+def _either(chars: list[str]) -> str:
+    quoted = [f"'{c}'" for c in chars]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _protocol(value: Any) -> str:
+    """``3.1.1`` or ``5``; YAML reads ``5`` as a number, which is accepted as well as the string."""
+    if value == "3.1.1":
+        return "3.1.1"
+    if value == "5" or (type(value) in (int, float) and value == 5):
+        return "5"
+    raise Invalid(f"unknown MQTT protocol version {show(value)}; expected 3.1.1 or 5")
+
+
+def _keepalive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Invalid(f"expected a number, got {show(value)}")
+    if not (math.isfinite(value) and value == int(value) and 1 <= value <= 65535):
+        raise Invalid(f"expected whole seconds 1..65535 (MQTT's keep alive), got {value}")
+    return float(value)
+
+
+_DEADBAND_VALUE = number(ge=0)
+
+
+def _deadband(node: Node, ctx: Ctx) -> Any:
+    """``{measurement: absolute deadband}`` → ((name, deadband, line of the name), ...), in file order."""
+    if node.value is None:
+        return ()
+    if not node.is_mapping:
+        ctx.report(node.line, f"expected a mapping of measurement names to deadbands, e.g. {{active_power: 5}}, "
+                              f"got {show(node.value)}")
+        return INVALID
+    entries: list[Any] = []
+    for key, child in node.value.items():
+        line = node.key_lines[key]
+        if not isinstance(key, str):
+            ctx.child(str(key)).report(line, f"expected a measurement name, got {show(key)}")
+            entries.append(INVALID)
+            continue
+        value = _DEADBAND_VALUE(child, ctx.child(key)) if child.value is not INVALID else INVALID
+        entries.append(INVALID if value is INVALID else (key, value, line))
+    return INVALID if INVALID in entries else tuple(entries)
+
+
+@dataclasses.dataclass
+class _Keyed(Record):
+    """A checked mapping that also knows the line of each key written, for errors about a key whose
+    value is a mapping (a block mapping's value starts on the line after its key)."""
+
+    key_lines: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def key_line(self, key: str) -> int:
+        return self.key_lines.get(key, self.lines[key])
+
+
+def _keyed_record(schema: dict[str, Field], *, null_is_empty: bool = False) -> Any:
+    def check(node: Node, ctx: Ctx) -> Any:
+        rec = read_mapping(node, ctx, schema, null_is_empty=null_is_empty)
+        if rec is INVALID:
+            return INVALID
+        key_lines = {k: line for k, line in node.key_lines.items() if isinstance(k, str)}
+        return _Keyed(rec.values, rec.lines, rec.line, rec.given, key_lines)
+
+    return check
+
+
+MQTT_TLS_SCHEMA: dict[str, Field] = {
+    # paths relative to the configuration file's folder; resolved and checked by _mqtt_tls
+    "ca": Field(text(), _default(MqttTls, "ca")),
+    "cert": Field(text(), _default(MqttTls, "cert")),
+    "key": Field(text(), _default(MqttTls, "key")),
+}
+
+MQTT_QUEUE_SCHEMA: dict[str, Field] = {
+    "max_mb": Field(number(gt=0), _default(MqttQueue, "max_mb")),
+    "max_age": Field(DURATION, _default(MqttQueue, "max_age")),
+}
+
+SPARKPLUG_SCHEMA: dict[str, Field] = {
+    "group_id": Field(scalar(_sparkplug_id)),
+    "edge_node_id": Field(scalar(_sparkplug_id)),
+    "primary_host": Field(scalar(_sparkplug_id), _default(SparkplugConfig, "primary_host")),
+    "state_v22": Field(boolean(), _default(SparkplugConfig, "state_v22")),
+    "aliases": Field(boolean(), _default(SparkplugConfig, "aliases")),
+    "deadband": Field(_deadband, _default(SparkplugConfig, "deadband")),
+}
+
+MQTT_JSON_SCHEMA: dict[str, Field] = {
+    "topic": Field(scalar(_topic)),
+    "max_age": Field(DURATION, _default(MqttJsonConfig, "max_age")),
+    "homeassistant": Field(boolean(), _default(MqttJsonConfig, "homeassistant")),
+    "discovery_prefix": Field(scalar(_topic), _default(MqttJsonConfig, "discovery_prefix")),
+}
+
+MQTT_SCHEMA: dict[str, Field] = {
+    "brokers": Field(_brokers),
+    "client_id": Field(scalar(_client_id), None),  # None: default_client_id()
+    "username": Field(scalar(_mqtt_string), _default(MqttConfig, "username")),
+    "password": Field(scalar(_mqtt_string), _default(MqttConfig, "password")),
+    "password_file": Field(text(), None),  # read at load into MqttConfig.password
+    "tls": Field(record_of(MQTT_TLS_SCHEMA, null_is_empty=True), _default(MqttConfig, "tls")),
+    "protocol": Field(scalar(_protocol), _default(MqttConfig, "protocol")),
+    "keepalive": Field(scalar(_keepalive), _default(MqttConfig, "keepalive")),
+    "queue": Field(record_of(MQTT_QUEUE_SCHEMA, null_is_empty=True), None),  # None: MqttQueue()
+    "sparkplug": Field(record_of(SPARKPLUG_SCHEMA), _default(MqttConfig, "sparkplug")),
+    "json": Field(record_of(MQTT_JSON_SCHEMA), _default(MqttConfig, "json")),
+}
+
 TOP_SCHEMA: dict[str, Field] = {
     "segments": Field(list_of(record_of(SEGMENT_SCHEMA), what="segment")),
     "stale_after": Field(number(gt=0), _default(Config, "stale_after")),
     "modbus_tcp": Field(record_of(MODBUS_TCP_SCHEMA, null_is_empty=True), None),
     "opcua": Field(record_of(OPCUA_SCHEMA, null_is_empty=True), None),
     "http": Field(record_of(HTTP_SCHEMA, null_is_empty=True), None),  # absent: no HTTP server
+    "mqtt": Field(_keyed_record(MQTT_SCHEMA, null_is_empty=True), None),  # absent: no MQTT
     "state_dir": Field(text(), None),  # absent: $STATE_DIRECTORY, else state/ next to the configuration file
 }
 
@@ -345,7 +605,11 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
                 segments.append(builder.segment(rec, ctx.child("segments").child(i)))
     modbus_tcp, opcua, http = (_section(v[key], build) for key, build in (
         ("modbus_tcp", _modbus_tcp), ("opcua", _opcua), ("http", _http)))
-    if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http):
+    # deadband names are checked against the profiles only when every meter is known
+    measurements = None if None in segments else {
+        m.name for seg in segments for meter in seg.meters for m in meter.profile.measurements}
+    mqtt = _mqtt(v["mqtt"], ctx.child("mqtt"), base_dir, measurements, builder.meter_names)
+    if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http, mqtt):
         return None
     if modbus_tcp is not None and modbus_tcp.consolidated is not None:
         _check_consolidated(modbus_tcp.consolidated, segments, builder.units, v["modbus_tcp"], ctx)
@@ -358,7 +622,7 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
                                 trusted_clients_dir=str(base_dir / (opcua.trusted_clients_dir or pki / "trusted")))
     return Config(segments=tuple(segments), stale_after=stale_after,
                   modbus_tcp=modbus_tcp or ModbusTcpConfig(), opcua=opcua,
-                  http=http, source=str(ctx.file), state_dir=state_dir)
+                  http=http, mqtt=mqtt, source=str(ctx.file), state_dir=state_dir)
 
 
 def _check_consolidated(cmap: ConsolidatedMap, segments: list[SegmentConfig], units: dict[int, tuple[str, int]],
@@ -411,6 +675,153 @@ def _http(rec: Record) -> HttpConfig:
     return HttpConfig(**values)
 
 
+def _mqtt(rec: Any, ctx: Ctx, base_dir: Path, measurements: set[str] | None,
+          meter_lines: dict[str, int]) -> MqttConfig | None | Any:
+    """The ``mqtt`` section: None when absent, INVALID after reporting, else the built object.
+    Checks that span its keys run here; files it names (password_file, tls) are read or checked now."""
+    if rec is None or rec is INVALID:
+        return rec
+    v, given = rec.values, rec.given
+    ok = rec.ok
+    if "sparkplug" not in given and "json" not in given:
+        ctx.report(rec.line, "mqtt needs sparkplug: or json:")
+        ok = False
+    password = v["password"]
+    secret = "password_file" if "password_file" in given else "password"
+    if "password" in given and "password_file" in given:
+        ctx.child("password_file").report(rec.lines["password_file"], "give password or password_file, not both")
+        ok = False
+    elif "password_file" in given and rec.valid("password_file"):
+        try:
+            password = _read_password(os.path.abspath(base_dir / v["password_file"]))
+        except Invalid as exc:
+            ctx.child("password_file").report(rec.lines["password_file"], str(exc))
+            ok = False
+    if secret in given and "username" not in given:
+        ctx.child(secret).report(rec.lines[secret], f"{secret} needs username")
+        ok = False
+    tls = v["tls"]
+    if isinstance(tls, Record):
+        tls = _mqtt_tls(tls, ctx.child("tls"), base_dir)
+        if rec.valid("brokers") and not any(url.startswith("mqtts://") for url in v["brokers"]):
+            ctx.child("tls").report(rec.key_line("tls"), "tls needs mqtts:// brokers")
+            ok = False
+    sparkplug = _sparkplug(v["sparkplug"], ctx.child("sparkplug"), measurements) \
+        if isinstance(v["sparkplug"], Record) else v["sparkplug"]
+    json = _mqtt_json(v["json"], ctx.child("json"), meter_lines) if isinstance(v["json"], Record) else v["json"]
+    queue = v["queue"]
+    if isinstance(queue, Record):
+        queue = MqttQueue(**queue.kwargs(MQTT_QUEUE_SCHEMA)) if queue.ok else INVALID
+    if not ok or INVALID in (tls, queue, sparkplug, json):
+        return INVALID
+    values = rec.kwargs(MQTT_SCHEMA)
+    del values["password_file"]
+    values.update(client_id=v["client_id"] or default_client_id(), password=password, tls=tls,
+                  queue=queue or MqttQueue(), sparkplug=sparkplug, json=json)
+    return MqttConfig(**values)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the file at ``path`` can't be read, or None when it can (a regular file we may open)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"file not found: {path}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+def _read_password(path: str) -> str:
+    """The password in a file of its own (one line; the trailing newline is not part of it)."""
+    problem = _unreadable(path)
+    if problem:
+        raise Invalid(problem)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MQTT_STRING_MAX + 3)  # enough to tell a too long password, never a whole big file
+    except OSError as exc:
+        raise Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        password = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise Invalid(f"{path} is not UTF-8 text") from None
+    if not password:
+        raise Invalid(f"{path} is empty")
+    if "\n" in password or "\r" in password:
+        raise Invalid(f"{path} has more than one line; it must hold the password alone")
+    try:
+        return _mqtt_string(password)
+    except Invalid as exc:
+        raise Invalid(f"the password in {path} {exc}") from None
+
+
+def _mqtt_tls(rec: Record, ctx: Ctx, base_dir: Path) -> MqttTls | Any:
+    """Paths resolved against the configuration file's folder; each file must be readable now."""
+    ok = rec.ok
+    paths = {}
+    for key in ("ca", "cert", "key"):
+        if key in rec.given and rec.valid(key):
+            paths[key] = os.path.abspath(base_dir / rec.values[key])
+            problem = _unreadable(paths[key])
+            if problem:
+                ctx.child(key).report(rec.lines[key], problem)
+                ok = False
+    if ("cert" in rec.given) != ("key" in rec.given):
+        have, missing = ("cert", "key") if "cert" in rec.given else ("key", "cert")
+        ctx.child(have).report(rec.lines[have], f"{have} needs {missing}: the client certificate and its "
+                                                "private key go together")
+        ok = False
+    return MqttTls(**paths) if ok else INVALID
+
+
+def _sparkplug(rec: Record, ctx: Ctx, measurements: set[str] | None) -> SparkplugConfig | Any:
+    v = rec.values
+    ok = rec.ok
+    if rec.valid("state_v22") and v["state_v22"] and "primary_host" not in rec.given:
+        ctx.child("state_v22").report(rec.lines["state_v22"], "state_v22 describes the primary host's STATE "
+                                                              "messages; it needs primary_host")
+        ok = False
+    if rec.valid("deadband") and measurements is not None:
+        for name, _, line in v["deadband"]:
+            if name not in measurements:
+                close = difflib.get_close_matches(name, sorted(measurements), n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                ctx.child("deadband").child(name).report(
+                    line, f"no configured meter has a measurement '{name}'{hint}")
+                ok = False
+    if not ok:
+        return INVALID
+    values = rec.kwargs(SPARKPLUG_SCHEMA)
+    values["deadband"] = tuple((name, deadband) for name, deadband, _ in values["deadband"])
+    return SparkplugConfig(**values)
+
+
+def _mqtt_json(rec: Record, ctx: Ctx, meter_lines: dict[str, int]) -> MqttJsonConfig | Any:
+    v = rec.values
+    ok = rec.ok
+    if "discovery_prefix" in rec.given and rec.valid("homeassistant") and not v["homeassistant"]:
+        ctx.child("discovery_prefix").report(rec.lines["discovery_prefix"],
+                                             "discovery_prefix is used only with homeassistant: true")
+        ok = False
+    if rec.valid("topic") and JSON_STATUS_LEVEL in meter_lines:
+        ctx.child("topic").report(
+            rec.lines["topic"], f"meter '{JSON_STATUS_LEVEL}' (line {meter_lines[JSON_STATUS_LEVEL]}) would publish "
+                                f"on {v['topic']}/{JSON_STATUS_LEVEL}, the bridge's online/offline topic; "
+                                "rename the meter")
+        ok = False
+    return MqttJsonConfig(**rec.kwargs(MQTT_JSON_SCHEMA)) if ok else INVALID
+
+
 # --- summary for `modbus-bridge check` ---------------------------------------------------
 
 
@@ -436,5 +847,18 @@ def summary(config: Config) -> str:
     lines.append(f"modbus tcp: {_hostport(tcp.host, tcp.port) if tcp.enabled else 'off'}")
     lines.append(f"opc ua: {f'{ua.endpoint} (namespace {ua.namespace})' if ua.enabled else 'off'}")
     lines.append(f"http: {_hostport(config.http.host, config.http.port) if config.http else 'off'}")
+    lines.append(f"mqtt: {_mqtt_summary(config.mqtt) if config.mqtt else 'off'}")
     lines.append(f"state directory: {config.state_dir or 'not set'}")
     return "\n".join(lines)
+
+
+def _mqtt_summary(mqtt: MqttConfig) -> str:
+    parts = [f"{', '.join(mqtt.brokers)} as {mqtt.client_id} (MQTT {mqtt.protocol})"]
+    if mqtt.sparkplug:
+        sp = mqtt.sparkplug
+        host = f", primary host {sp.primary_host}" if sp.primary_host else ""
+        parts.append(f"sparkplug group {sp.group_id}, edge node {sp.edge_node_id}{host}")
+    if mqtt.json:
+        ha = f", home assistant discovery under {mqtt.json.discovery_prefix}/" if mqtt.json.homeassistant else ""
+        parts.append(f"json {mqtt.json.topic}/<meter>{ha}")
+    return "; ".join(parts)

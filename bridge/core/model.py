@@ -184,12 +184,60 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class MqttTls:
+    ca: str = ""  # CA bundle (PEM) that signed the broker's certificate; "": the system's
+    cert: str = ""  # client certificate (PEM) for mutual TLS; "" : none
+    key: str = ""  # its private key (PEM)
+
+
+@dataclass(frozen=True)
+class MqttQueue:
+    """Store-and-forward bounds: the oldest messages are dropped (and counted) beyond either."""
+
+    max_mb: float = 256.0
+    max_age: float = 7 * 86400.0  # seconds
+
+
+@dataclass(frozen=True)
+class SparkplugConfig:
+    group_id: str
+    edge_node_id: str
+    primary_host: str = ""  # "": publish whenever connected; else only while that host is ONLINE
+    state_v22: bool = False  # primary host's STATE in the Sparkplug 2.2 form (ONLINE/OFFLINE text)
+    aliases: bool = True  # metric aliases in NBIRTH/DBIRTH, alias only in NDATA/DDATA
+    deadband: tuple[tuple[str, float], ...] = ()  # (measurement name, absolute deadband) for DDATA
+
+
+@dataclass(frozen=True)
+class MqttJsonConfig:
+    topic: str  # prefix: <topic>/<meter>, <topic>/status
+    max_age: float = 60.0  # seconds: republish an unchanged state at least this often
+    homeassistant: bool = False  # MQTT discovery under discovery_prefix
+    discovery_prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    brokers: tuple[str, ...]  # mqtt://host:port or mqtts://host:port, tried in order
+    client_id: str
+    username: str = ""
+    password: str = field(default="", repr=False)  # from password: or password_file: (read at load)
+    tls: MqttTls | None = None
+    protocol: str = "5"  # "3.1.1" | "5"
+    keepalive: float = 30.0
+    queue: MqttQueue = field(default_factory=MqttQueue)
+    sparkplug: SparkplugConfig | None = None
+    json: MqttJsonConfig | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     segments: tuple[SegmentConfig, ...]
     stale_after: float = 10.0
     modbus_tcp: ModbusTcpConfig = field(default_factory=ModbusTcpConfig)
     opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     http: HttpConfig | None = None  # off when the key is absent
+    mqtt: MqttConfig | None = None  # off when the key is absent
     source: str = ""
     # the one writable place for what the bridge keeps between runs (OPC UA certificates, MQTT queue and
     # Sparkplug bdSeq, energy store); absolute after load_config; "": not set (bridge.state refuses it)

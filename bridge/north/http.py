@@ -217,9 +217,16 @@ class HttpServer:
 
     def _readyz(self):
         missing = self.view.not_ready()
+        # MQTT pushes to a broker that may be away (a normal event: the data wait on disk), so it
+        # never holds readiness back; its state is said here for the person reading the probe
+        mqtt = self.view.north().get("mqtt")
+        extra = ""
+        if mqtt is not None:
+            up = mqtt.counters.get("connected")
+            extra = f"mqtt: {'connected to ' + mqtt.address if up else 'not connected: ' + (mqtt.note or mqtt.address)}\n"
         if missing:
-            return 503, _TEXT, f"not ready: {missing}\n".encode(), {}
-        return 200, _TEXT, b"ready\n", {}
+            return 503, _TEXT, f"not ready: {missing}\n{extra}".encode(), {}
+        return 200, _TEXT, f"ready\n{extra}".encode(), {}
 
     def _metrics(self):
         return 200, METRICS_CONTENT_TYPE, exposition(self.registry), {}
@@ -263,8 +270,9 @@ class HttpServer:
         for name, st in self.view.north().items():
             if name == "http":
                 continue
-            upstream[name] = {"address": st.address, "listening": st.listening,
-                              **{k: v for k, v in st.counters.items() if k in ("connections", "requests", "sessions")}}
+            shown = st.counters if name == "mqtt" else {
+                k: v for k, v in st.counters.items() if k in ("connections", "requests", "sessions")}
+            upstream[name] = {"address": st.address, "listening": st.listening, **shown}
         missing = self.view.not_ready()
         return {"time": time.time(), "ready": not missing, "not_ready": missing,
                 "healthy": not self.view.problems(), "segments": segments, "upstream": upstream}

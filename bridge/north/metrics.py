@@ -65,6 +65,7 @@ class BridgeCollector:
         yield from self._meters()
         yield from self._modbus_tcp()
         yield from self._opcua()
+        yield from self._mqtt()
         yield from self._parts()
 
     # ------------------------------------------------------------ bus side
@@ -175,6 +176,34 @@ class BridgeCollector:
             if key in st.counters:
                 fam = GaugeMetricFamily(f"{PREFIX}_opcua_{name}", doc)
                 fam.add_metric([], st.counters[key])
+                yield fam
+
+    def _mqtt(self) -> Iterator[Metric]:
+        st = self.view.north().get("mqtt")
+        if st is None:
+            return
+        n = f"{PREFIX}_mqtt"
+        c = st.counters
+        connected = GaugeMetricFamily(f"{n}_connected", "1 while the MQTT connection of a flavour is up",
+                                      labels=["link"])
+        for link, up in st.by_label.get("link", {}).items():
+            connected.add_metric([link], up)
+        yield connected
+        for key, name, doc, kind in (
+            ("sent", "messages_sent", "MQTT messages sent (QoS 1: acknowledged)", CounterMetricFamily),
+            ("replayed", "messages_replayed", "Messages sent from the store-and-forward queue", CounterMetricFamily),
+            ("connects", "connects", "Connections made to a broker", CounterMetricFamily),
+            ("queue_queued", "queue_messages", "Messages waiting in the store-and-forward queue", GaugeMetricFamily),
+            ("queue_queued_bytes", "queue_bytes", "Bytes waiting in the store-and-forward queue", GaugeMetricFamily),
+            ("queue_oldest_age", "queue_oldest_age_seconds", "Age of the oldest queued message", GaugeMetricFamily),
+            ("queue_dropped", "queue_dropped", "Queued messages dropped by the size or age bound",
+             CounterMetricFamily),
+            ("queue_dropped_disk_full", "queue_dropped_disk_full",
+             "Messages that could not be queued (disk full or failing)", CounterMetricFamily),
+        ):
+            if key in c:
+                fam = kind(f"{n}_{name}", doc)
+                fam.add_metric([], c[key])
                 yield fam
 
     def _parts(self) -> Iterator[Metric]:

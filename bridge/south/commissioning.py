@@ -124,6 +124,9 @@ def reference(function: int, address: int) -> str:
 def points_rows(config: Config) -> list[dict]:
     rows = []
     namespace = config.opcua.namespace
+    mqtt = config.mqtt
+    sparkplug = mqtt.sparkplug if mqtt is not None else None
+    json_topics = mqtt.json if mqtt is not None else None
     for seg in config.segments:
         for meter in seg.meters:
             for m in meter.profile.measurements:
@@ -144,6 +147,10 @@ def points_rows(config: Config) -> list[dict]:
                     "description": m.description,
                     "nodeid": f"nsu={namespace};s={meter.name}.{m.name}",
                     "browse_path": f"Objects/Meters/{meter.name}/{m.name}",
+                    # where MQTT consumers find it: the Sparkplug device metric, the JSON topic and path
+                    "sparkplug": (f"spBv1.0/{sparkplug.group_id}/DDATA/{sparkplug.edge_node_id}/{meter.name}"
+                                  f" : {m.name}") if sparkplug is not None else "",
+                    "json": f"{json_topics.topic}/{meter.name} : values.{m.name}" if json_topics is not None else "",
                 })
     cmap = config.modbus_tcp.consolidated
     if cmap is not None:  # the same values again, as scaled float32 under the consolidated unit

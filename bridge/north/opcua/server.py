@@ -108,6 +108,16 @@ def _initial(datatype: int) -> ua.Variant:
     return ua.Variant(value, vtype if value is not None else ua.VariantType.Null)
 
 
+BRIDGE_COUNTERS = {
+    "Uptime": (_DT.Double, "Seconds since the bridge started"),
+    "MqttConnected": (_DT.Boolean, "True while every MQTT connection (Sparkplug B, JSON) is up"),
+    "MqttBroker": (_DT.String, "The broker connected to (or the brokers configured)"),
+    "MqttSent": (_DT.UInt32, "MQTT messages sent"),
+    "MqttQueued": (_DT.UInt32, "Messages waiting in the store-and-forward queue"),
+    "MqttDropped": (_DT.UInt32, "Queued messages dropped by a bound or a full disk"),
+    "MqttReplayed": (_DT.UInt32, "Messages sent from the store-and-forward queue"),
+    "MqttLastError": (_DT.String, "The last MQTT connection error, empty while connected"),
+}
 METER_COUNTERS = {
     "Online": (_DT.Boolean, "True while the meter answers its polls (not stale, not offline)"),
     "LastGoodPoll": (_DT.DateTime, "Time of the last poll in which every block was read"),
@@ -466,7 +476,7 @@ class OpcUaServer:
         b.property(bridge, "Bridge/.Version", "Version", ua.Variant(__version__, ua.VariantType.String), _DT.String)
         b.property(bridge, "Bridge/.StartTime", "StartTime",
                    ua.Variant(_utc(self.view.started_wall), ua.VariantType.DateTime), _DT.DateTime)
-        space.bridge = _Counters(b, bridge, "Bridge/", {"Uptime": (_DT.Double, "Seconds since the bridge started")})
+        space.bridge = _Counters(b, bridge, "Bridge/", BRIDGE_COUNTERS)
         self._add(space, b, config)
 
     def _add(self, space: _Space, b: NodeBuilder, config: Config) -> None:
@@ -648,7 +658,18 @@ class OpcUaServer:
             return
         now_wall = time.time()
         now = datetime.now(timezone.utc)
-        await self._set(space.bridge, {"Uptime": now_wall - self.view.started_wall}, now)
+        mqtt = self.view.north().get("mqtt")
+        c = mqtt.counters if mqtt is not None else {}
+        await self._set(space.bridge, {
+            "Uptime": now_wall - self.view.started_wall,
+            "MqttConnected": bool(c.get("connected")),
+            "MqttBroker": mqtt.address if mqtt is not None else "",
+            "MqttSent": int(c.get("sent", 0)),
+            "MqttQueued": int(c.get("queue_queued", 0)),
+            "MqttDropped": int(c.get("queue_dropped", 0) + c.get("queue_dropped_disk_full", 0)),
+            "MqttReplayed": int(c.get("replayed", 0)),
+            "MqttLastError": mqtt.note if mqtt is not None else "",
+        }, now)
         mono = time.monotonic()
         for seg in self.view.segments():
             nodes = space.segments.get(seg.name)
