@@ -36,6 +36,8 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         self.conf.write_text(
+            # as root, mosquitto would switch to its own user, who cannot read the test's files
+            "user root\n"
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             f"persistence true\npersistence_location {self.directory}/\n"
