@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge import __version__
 from bridge.core.errors import BridgeError
@@ -44,7 +46,8 @@ log = logging.getLogger("bridge.mqtt")
 
 BACKOFF = (0.5, 30.0)  # first and longest wait between two rounds of connection attempts
 CONNECT_TIMEOUT = 10.0  # seconds for a broker to accept a connection (TCP, TLS, CONNACK)
-GATHER = 0.02  # seconds the producer waits after a change, gathering a poll's blocks
+GATHER = 0.02  # seconds between two looks at polls still in progress
+POLL_END_WAIT = 10.0  # seconds a changed meter waits for its poll to end before it is sampled anyway
 IN_FLIGHT = 256  # QoS 1 messages awaiting their PUBACK at once, per link
 REPLAY_BATCH = 256  # messages read from disk at once
 LIVE_LIMIT = 10_000  # live messages kept in memory per link before they go to disk
@@ -60,25 +63,27 @@ def sample_of(view_meter) -> MeterSample:
 
 
 class BdSeq:
-    """The Sparkplug birth/death sequence number, kept on disk: it increases on every new
-    connection, across restarts (written, flushed and renamed before the CONNECT that uses it)."""
+    """The Sparkplug birth/death sequence number, kept on disk: one more for every connection the
+    broker accepted, across restarts. A failed attempt does not use a number up: the next one
+    reuses it (``upcoming``); it is written, flushed and renamed once the CONNACK came (``used``)."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def next(self) -> int:
+    def upcoming(self) -> int:
         try:
             last = int(self.path.read_text().strip())
         except (FileNotFoundError, ValueError):
             last = -1
-        value = (last + 1) % 256
+        return (last + 1) % 256
+
+    def used(self, value: int) -> None:
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             f.write(f"{value}\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        return value
 
 
 class Link:
@@ -157,7 +162,7 @@ class Link:
     async def _session(self, url: str) -> None:
         cfg = self.side.cfg
         tls, host, port = parse_broker(url)
-        bd_seq = self.side.bdseq.next() if self.uses_bdseq() else None
+        bd_seq = self.side.bdseq.upcoming() if self.uses_bdseq() else None
         will = self.will(bd_seq)
         client = aiomqtt.Client(
             host, port, identifier=self.client_id, username=cfg.username or None, password=cfg.password or None,
@@ -165,10 +170,12 @@ class Link:
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain), keepalive=max(1, int(cfg.keepalive)),
             timeout=CONNECT_TIMEOUT, tls_context=self.side.tls_context() if tls else None,
             max_inflight_messages=IN_FLIGHT, logger=logging.getLogger("bridge.mqtt.client"))
+        client.pending_calls_threshold = IN_FLIGHT + 1  # our own bound; its warning would flood the log
         async with asyncio.timeout(CONNECT_TIMEOUT):
             await client.__aenter__()
         try:
             if bd_seq is not None:
+                self.side.bdseq.used(bd_seq)
                 self.side.bdseq_current = bd_seq
             self.client, self.broker, self.connected, self.was_up = client, url, True, True
             self.connects += 1
@@ -248,7 +255,11 @@ class Link:
         while True:
             if failed.done():
                 failed.result()
-            if self.end_session:
+            if self.end_session:  # what was urgent (the NDEATH) goes out first, acknowledged
+                while self.urgent:
+                    await put(self.urgent.popleft(), time.time(), keep=False)
+                await drain()
+                await self.leave(client)
                 raise aiomqtt.MqttError(self.end_session)
             if not self.may_send():  # e.g. the Sparkplug primary host is not online: keep to disk
                 self.wake.clear()
@@ -319,6 +330,16 @@ class Link:
         message = self.will(self.side.bdseq_current if self.uses_bdseq() else None, _now_ms())
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await client.publish(message.topic, message.payload, message.qos, message.retain, timeout=2.0)
+        await self.leave(client)
+
+    async def leave(self, client: aiomqtt.Client) -> None:
+        """A deliberate DISCONNECT. Sparkplug on MQTT 5: with reason code 0x04 "with Will Message", so the
+        broker publishes the NDEATH Will too (tck-id-payloads-ndeath-will-message-publisher-disconnect-mqtt50)."""
+        if self.uses_bdseq() and self.side.cfg.protocol == "5":
+            with contextlib.suppress(Exception):
+                client._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(client._disconnected)
 
     def status(self) -> dict[str, object]:
         return {"connected": self.connected, "broker": self.broker, "sent": self.sent, "replayed": self.replayed,
@@ -397,8 +418,11 @@ class SparkplugLink(Link):
         return self.node.end_replay(_now_ms())
 
     def on_message(self, topic: str, payload: bytes) -> list[Publish]:
+        born = self.node.is_online
         state = self.node.host_state(topic, payload)
         if state is False:
+            if not born:  # nothing published yet on this connection: wait here for the host
+                return []
             log.info("Sparkplug primary host %s is offline: storing data until it is back",
                      self.node.cfg.primary_host)
             self.end_session = "the primary host went offline"
@@ -409,6 +433,8 @@ class SparkplugLink(Link):
         replies, note = self.node.command(topic, payload, _now_ms())
         if note:
             log.warning("Sparkplug %s: %s", topic, note)
+        if replies:  # a rebirth: the births carry every current value, older data must not follow them
+            self.live.clear()
         return replies
 
 
@@ -461,7 +487,10 @@ class MqttSide:
         self.bdseq = BdSeq(Path(config.state_dir or ".") / BDSEQ_FILE)
         self.bdseq_current: int | None = None
         self._dirty: set[int] = set()
+        self._pending: dict[int, float] = {}  # unit -> reply time of its newest changed block, poll not ended
         self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
         self._acks: list[int] = []
         self._spill: list[tuple[str, Publish, float]] = []
         self._spilled = asyncio.Event()
@@ -505,6 +534,7 @@ class MqttSide:
             tasks = [asyncio.create_task(self._produce(), name="mqtt producer"),
                      asyncio.create_task(self._write_spills(), name="mqtt disk writer")]
             tasks += [asyncio.create_task(link.run(), name=f"mqtt {link.name}") for link in self.links]
+            self._tasks = tasks
             restart = asyncio.create_task(self._restart.wait())
             try:
                 done, _ = await asyncio.wait([*tasks, restart], return_when=asyncio.FIRST_COMPLETED)
@@ -531,9 +561,15 @@ class MqttSide:
         return Staged(commit)
 
     async def stop(self) -> None:
+        """In order: no more samples; each flavour says goodbye (NDEATH, status offline) and
+        disconnects; what is still in memory goes to disk; the disk is closed."""
         self.view.image.unsubscribe(self.listener)
-        for link in self.links:
+        self._closing = True
+        for link in self.links:  # first, while every part still runs: run() must not tear down a link
             await link.say_goodbye()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*(t for t in self._tasks), return_exceptions=True)
         for link in self.links:
             link.live_to_disk()
         if self._spill and self.queue is not None:
@@ -566,9 +602,29 @@ class MqttSide:
 
     # ------------------------------------------------------------ the producer
     def listener(self, change: Change | None, unit: int, health: Health) -> None:
-        if unit in self._units:
+        """Image listener: remember which meter changed. A changed block waits for the end of its
+        poll (``pending``): a sample taken in the middle of a poll would pair the new blocks with the
+        previous poll's time."""
+        if unit not in self._units:
+            return
+        if change is not None and health is Health.FRESH:
+            self._pending[unit] = max(self._pending.get(unit, 0.0), change.timestamp)
+        else:
             self._dirty.add(unit)
-            self._wake.set()
+        self._wake.set()
+
+    def _complete(self) -> set[int]:
+        """The meters to sample now: health changes, and changes whose poll has ended (a good poll
+        marks the meter good at its end, so its time is at least that of any of its blocks)."""
+        units, self._dirty = self._dirty, set()
+        now = time.time()
+        for unit, stamp in list(self._pending.items()):
+            u = self.view.image.unit(unit)
+            done = u is not None and u.last_good_wall is not None and u.last_good_wall >= stamp
+            if done or u is None or now - stamp > POLL_END_WAIT:  # a poll that failed half-way: as it is
+                units.add(unit)
+                del self._pending[unit]
+        return units
 
     def samples(self) -> list[MeterSample]:
         return [sample_of(mv) for mv in self.view.meters() if mv.unit in self._units]
@@ -592,12 +648,10 @@ class MqttSide:
         next_periodic = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(GATHER if self._pending else 1.0):
                     await self._wake.wait()
-            if self._dirty:
-                await asyncio.sleep(GATHER)  # let the rest of a poll's blocks land
             self._wake.clear()
-            units, self._dirty = self._dirty, set()
+            units = self._complete()
             by_unit = {mv.unit: mv for mv in self.view.meters()}
             now, now_ms = time.time(), _now_ms()
             for unit in units:
