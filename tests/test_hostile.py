@@ -757,7 +757,7 @@ async def test_exception_in_one_client_handler_closes_only_that_client(monkeypat
                 await serves(other)
                 await serves(other, "w")
             assert len(h.app.modbus.connections) == 1
-            monkeypatch.setattr(image, "read", real_read)
+            monkeypatch.setattr(server, "read", real_read)
             again = await connect(h.modbus_port)
             try:
                 await serves(again, "b1")
