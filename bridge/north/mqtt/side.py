@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import os
-import socket
 import ssl
 import time
 from collections import deque
@@ -341,10 +340,6 @@ class Link:
                 async with asyncio.timeout(2.0):
                     await asyncio.shield(client._disconnected)
 
-    def status(self) -> dict[str, object]:
-        return {"connected": self.connected, "broker": self.broker, "sent": self.sent, "replayed": self.replayed,
-                "connects": self.connects, "last_error": self.last_error}
-
 
 class SparkplugLink(Link):
     """Sparkplug B: births on every connection (and on a rebirth command), data by exception, samples
@@ -595,11 +590,6 @@ class MqttSide:
                            by_label={"link": {link.name: float(link.connected) for link in self.links}},
                            note="; ".join(errors))
 
-    def describe(self) -> dict[str, object]:
-        """For the status page: each link's state and the queue."""
-        return {"links": {link.name: link.status() for link in self.links},
-                "queue": self.queue.stats() if self.queue is not None else {}}
-
     # ------------------------------------------------------------ the producer
     def listener(self, change: Change | None, unit: int, health: Health) -> None:
         """Image listener: remember which meter changed. A changed block waits for the end of its
@@ -729,7 +719,3 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def default_client_id() -> str:
-    return f"modbus-bridge-{socket.gethostname()}"
