@@ -52,6 +52,7 @@ REPLAY_BATCH = 256  # messages read from disk at once
 LIVE_LIMIT = 10_000  # live messages kept in memory per link before they go to disk
 RESEND_WINDOW = 5.0  # seconds of Sparkplug samples kept back (QoS 0) to resend as history after a loss
 QUEUE_FILE = "mqtt-queue.sqlite3"
+NODE_FIGURES = object()  # a Sparkplug live item: NDATA with the bridge's own figures
 BDSEQ_FILE = "sparkplug-bdseq"
 
 
@@ -117,6 +118,7 @@ class Link:
     def may_send(self) -> bool: return True
     def replay_forms(self, stored: Publish) -> list[Publish]: return [stored]
     def replay_done(self) -> list[Publish]: return []
+    def render(self, item) -> Sequence[Publish]: return (item,)  # a live item, as it leaves
     def uses_bdseq(self) -> bool: return False
 
     def offer(self, messages: Sequence[Publish]) -> None:
@@ -290,8 +292,9 @@ class Link:
                         await put(message, time.time(), keep=False)
             if not self.spilling or self.live_during_replay:
                 while self.live and not self.urgent:
-                    message, created = self.live.popleft()
-                    await put(message, created)
+                    item, created = self.live.popleft()
+                    for message in self.render(item):
+                        await put(message, created)
             if not self.live and not self.urgent and not self.spilling:
                 self.wake.clear()
                 await self._wait(failed)
@@ -379,19 +382,27 @@ class SparkplugLink(Link):
 
     def take(self, sample: MeterSample) -> None:
         """A meter's new state: live while the node is online, else kept for the history."""
-        messages = self.node.sample(sample, _now_ms())
         if self.connected and self.node.is_online:
             self.recent.append((time.monotonic(), sample))
             while self.recent and time.monotonic() - self.recent[0][0] > RESEND_WINDOW:
                 self.recent.popleft()
-            self.offer(messages)
+            self.live.append((sample, time.time()))
+            self.wake.set()
         else:
             self.keep([sample])
 
-    def offer(self, messages: Sequence[Publish]) -> None:
-        if messages:
-            self.live.extend((m, time.time()) for m in messages)
+    def node_figures_due(self) -> None:
+        """Time for NDATA with the bridge's own figures (taken as it leaves)."""
+        if self.connected and self.node.is_online:
+            self.live.append((NODE_FIGURES, time.time()))
             self.wake.set()
+
+    def render(self, item) -> Sequence[Publish]:
+        """Sparkplug messages are made as they leave, never before: seq must follow the order on
+        the wire, and the replayed history, the births of a rebirth and live data interleave there."""
+        if item is NODE_FIGURES:
+            return self.node.node_data(_now_ms(), self.side.node_metrics())
+        return self.node.sample(item, _now_ms())
 
     def keep(self, samples: Sequence[MeterSample]) -> None:
         worth = [s for s in samples if s.ts_ms is not None and s.quality in ("good", "stale")]
@@ -428,9 +439,7 @@ class SparkplugLink(Link):
         replies, note = self.node.command(topic, payload, _now_ms())
         if note:
             log.warning("Sparkplug %s: %s", topic, note)
-        if replies:  # a rebirth: the births carry every current value, older data must not follow them
-            self.live.clear()
-        return replies
+        return replies  # a rebirth: births of what was sent so far; the live samples follow them
 
 
 def encode_sample(s: MeterSample) -> Publish:
@@ -643,7 +652,7 @@ class MqttSide:
             self._wake.clear()
             units = self._complete()
             by_unit = {mv.unit: mv for mv in self.view.meters()}
-            now, now_ms = time.time(), _now_ms()
+            now = time.time()
             for unit in units:
                 mv = by_unit.get(unit)
                 if mv is None:
@@ -656,8 +665,8 @@ class MqttSide:
                 for link in self.links:
                     if isinstance(link, JsonLink):
                         link.offer(link.topics.due(now))
-                    elif isinstance(link, SparkplugLink) and link.connected and link.node.is_online:
-                        link.offer(link.node.node_data(now_ms, self.node_metrics()))
+                    elif isinstance(link, SparkplugLink):
+                        link.node_figures_due()
 
     @staticmethod
     def _feed(link: Link, sample: MeterSample, now: float) -> None:
