@@ -177,8 +177,18 @@ async def test_a_reload_moves_the_json_topics_and_births_a_new_meter(broker, tmp
                                           and json.loads(m["payload"])["status"] == "good" for m in ms)
                            and any(m["topic"] == "site/panel-8/status" and m["payload"] == "online" for m in ms),
                            what="the new prefix")
-        assert [m["payload"] for m in sub.messages if m["topic"] == f"{TOPIC}/status"][-1] == "offline"
+        assert "offline" in [m["payload"] for m in sub.messages if m["topic"] == f"{TOPIC}/status"]
         assert not h.app.view.problems()
+        # what the broker now retains, as a client connecting later sees it: nothing left under the
+        # old prefix (the removed meter's state and the old status are cleared), the new one complete
+        await until(lambda: not h.app.north["mqtt"].links[0].retire, what="the old topics cleared")
+        await asyncio.sleep(0.3)
+        async with Subscriber(broker.url, "#") as late:
+            await late.wait_for(lambda ms: any(m["topic"] == "site/panel-8/status" for m in ms), what="retained")
+            await asyncio.sleep(0.5)
+        retained = {m["topic"]: m["payload"] for m in late.messages}
+        assert not [t for t in retained if t.startswith(TOPIC + "/")], retained.keys()
+        assert {"site/panel-8/incomer", "site/panel-8/lighting", "site/panel-8/status"} <= set(retained)
 
 
 def _certificates(directory):

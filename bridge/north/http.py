@@ -273,7 +273,7 @@ class HttpServer:
                 continue
             shown = st.counters if name == "mqtt" else {
                 k: v for k, v in st.counters.items() if k in ("connections", "requests", "sessions")}
-            upstream[name] = {"address": st.address, "listening": st.listening, **shown}
+            upstream[name] = {"address": st.address, "listening": st.listening, "note": st.note, **shown}
         missing = self.view.not_ready()
         return {"time": time.time(), "ready": not missing, "not_ready": missing,
                 "healthy": not self.view.problems(), "segments": segments, "upstream": upstream}

@@ -147,6 +147,8 @@ class Link:
                     self._lost(url, exc)
                 if self.was_up:
                     backoff = BACKOFF[0]
+                    if self.end_session:  # the primary host left this server: try the next one
+                        continue  # (tck-id-operational-behavior-primary-application-state-with-multiple-servers-walk)
                     break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF[1])
@@ -463,12 +465,14 @@ class JsonLink(Link):
     def __init__(self, side: MqttSide, topics: JsonTopics, client_id: str):
         super().__init__(side, "json", client_id)
         self.topics = topics
+        self.retire: list[Publish] = []  # after a reload: clear what the previous configuration retained
 
     def will(self, bd_seq: int | None, now_ms: int | None = None) -> Publish:
         return self.topics.will()
 
     def born(self, bd_seq: int | None) -> list[Publish]:
-        return self.topics.online()
+        retire, self.retire = self.retire, []
+        return retire + self.topics.online()
 
     def subscriptions(self) -> list[tuple[str, int]]:
         return [(topic, 1) for topic in self.topics.subscriptions()]
@@ -559,7 +563,11 @@ class MqttSide:
         async def commit() -> None:  # new identities or meters: new births on new connections
             for link in self.links:
                 await link.say_goodbye()
+            old_topics = next((link.topics for link in self.links if isinstance(link, JsonLink)), None)
             self._build(config)
+            for link in self.links:
+                if isinstance(link, JsonLink) and old_topics is not None:
+                    link.retire = link.topics.retired(old_topics)
             self._dirty.update(self._units)
             self._restart.set()
         return Staged(commit)
