@@ -335,9 +335,10 @@ class Probe:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr,
                                      cwd=ROOT)
         self.pid = self.proc.pid
+        self.seconds = seconds
 
     def result(self) -> dict:
-        out, _ = self.proc.communicate(timeout=30)
+        out, _ = self.proc.communicate(timeout=self.seconds + 60)
         if self.proc.returncode != 0:
             raise RuntimeError(f"the Modbus TCP probe failed ({self.proc.returncode}):\n"
                                f"{Path(self.stderr.name).read_text(errors='replace')[-3000:]}")
@@ -916,14 +917,16 @@ async def measure_bus(stack: Stack, seconds: float, args) -> dict:
     probe = Probe(stack.ports["modbus"], stack.units, seconds, args.probe_period)
     cycles, busy, samples = [], [], 0
     try:
-        while probe.proc.poll() is None:
-            await asyncio.sleep(STATUS_PERIOD)
+        # read its output while it runs: a full pipe (a long probe writes more than 64 KiB) would block it
+        reader = asyncio.ensure_future(asyncio.to_thread(probe.result))
+        while not reader.done():
+            await asyncio.wait([reader], timeout=STATUS_PERIOD)
             with contextlib.suppress(OSError, asyncio.TimeoutError, RuntimeError, ValueError):
                 st = await get_status(stack.ports["http"])
                 samples += 1
                 cycles += [s["cycle_time"] for s in st["segments"] if s["cycle_time"]]
                 busy += [s["utilisation"] for s in st["segments"] if s["utilisation"] is not None]
-        raw = await asyncio.to_thread(probe.result)
+        raw = reader.result()
     finally:
         probe.close()
     sim = stack.snap()
