@@ -87,8 +87,10 @@ async def test_json_the_will_says_offline_when_the_bridge_is_killed(broker, tmp_
 
 
 async def test_json_broker_killed_and_restarted_loses_no_state_message(broker, tmp_path):
-    """kill -9 of the broker for a while: every state message the bridge made is delivered, in order
-    per meter, once the broker is back (the subscriber keeps a persistent session)."""
+    """kill -9 of the broker for a while: every state message the bridge made is delivered once the
+    broker is back (the subscriber keeps a persistent session): what was made during the outage on
+    ``<topic>/<meter>/history`` (not retained, in order, original ``ts``), while live states go on at
+    once on ``<topic>/<meter>``, which retains the newest state."""
     made: list = []
     async with Subscriber(broker.url, f"{TOPIC}/#", persistent_id="audit") as sub, \
             running_bridge(LAYOUT, mqtt=json_config(broker), state_dir=str(tmp_path)) as h:
@@ -112,17 +114,28 @@ async def test_json_broker_killed_and_restarted_loses_no_state_message(broker, t
         await until(lambda: not link.spilling, timeout=20, what="backlog replayed")
         await asyncio.sleep(0.5)
         link.offer = offer
-        expected = [(m.topic, json.loads(m.payload)["ts"], json.loads(m.payload)["status"]) for m in made]
-        await sub.wait_for(lambda ms: {(m["topic"], json.loads(m["payload"])["ts"], json.loads(m["payload"])["status"])
-                                       for m in ms if m["topic"] in {t for t, _, _ in expected} and m["payload"]}
-                           >= set(expected), timeout=20, what="every state message")
+
+        def key(m: dict) -> tuple:
+            body = json.loads(m["payload"])
+            return m["topic"].removesuffix("/history"), body["ts"], body["status"]
+        expected = {(m.topic, json.loads(m.payload)["ts"], json.loads(m.payload)["status"]) for m in made}
+        await sub.wait_for(lambda ms: {key(m) for m in ms if m["payload"] and not m["topic"].endswith("/status")}
+                           >= expected, timeout=20, what="every state message")
         assert queued > 0, "the outage put nothing on disk"
+        history = [m for m in sub.messages if m["topic"].endswith("/history")]
+        assert history and not any(m["retain"] for m in history)
         for meter in ("incomer", "hvac"):
-            got = [s["ts"] for s in states(sub.messages, meter) if s["ts"] is not None]
-            mine = [ts for t, ts, _ in expected if t.endswith("/" + meter) and ts is not None]
-            seen = [ts for ts in got if ts in set(mine)]
-            assert sorted(set(seen)) == sorted(set(mine))  # every one arrived
-            assert seen == sorted(seen), f"{meter}: out of order"  # the backlog before what came after
+            replayed = [ts for m in history if m["topic"] == f"{TOPIC}/{meter}/history"
+                        and (ts := json.loads(m["payload"])["ts"]) is not None]
+            assert replayed == sorted(replayed), f"{meter}: history out of order"
+    # what the broker retains for each meter is its newest state, not a replayed one
+    async with Subscriber(broker.url, f"{TOPIC}/+") as late:
+        await late.wait_for(lambda ms: len([m for m in ms if not m["topic"].endswith("/status")]) >= 2, what="retained")
+    for m in late.messages:
+        if not m["topic"].endswith("/status"):
+            newest = max(ts for x in sub.messages if x["payload"] and x["topic"].removesuffix("/history") == m["topic"]
+                         and (ts := key(x)[1]) is not None)
+            assert json.loads(m["payload"])["ts"] == newest, m["topic"]
 
 
 async def test_mqtt_side_never_holds_the_bus_back_without_a_broker(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -714,6 +715,36 @@ async def test_primary_host_gates_the_session_and_history_fills_its_absence(brok
                         "(tck-id-message-flow-edge-node-birth-publish-phid-offline: only a STATE whose timestamp "
                         "is greater than the previous one)")
     assert not problems, "\n".join(problems)
+
+
+async def test_primary_host_offline_on_one_server_walks_to_the_next(tmp_path):
+    """Two servers. The primary host is online on the first: the node is born there. Its STATE goes
+    offline on that server: the node publishes its NDEATH there and connects to the next server in
+    the list (where the host is online), with bdSeq + 1, and is born there.
+
+    tck-ids: operational-behavior-primary-application-state-with-multiple-servers-walk,
+    message-flow-edge-node-birth-publish-phid-offline, topics-nbirth-bdseq-increment."""
+    first, second = Mosquitto(tmp_path / "b1").start(), Mosquitto(tmp_path / "b2").start()
+    state = "spBv1.0/STATE/scada-1"
+    try:
+        for b in (first, second):
+            await publish(b.url, state, json.dumps({"online": True, "timestamp": now_ms()}), "--text", "--retain")
+        config = dataclasses.replace(sparkplug(first, primary_host="scada-1"), brokers=(first.url, second.url))
+        async with Subscriber(first.url, f"{PREFIX}/#") as one, Subscriber(second.url, f"{PREFIX}/#") as two, \
+                running_bridge(PAIR, mqtt=config, state_dir=str(tmp_path)):
+            await one.wait_for(lambda ms: of(ms, "NBIRTH"), what="born on the first server")
+            await publish(first.url, state, json.dumps({"online": False, "timestamp": now_ms()}), "--text", "--retain")
+            await two.wait_for(lambda ms: of(ms, "NBIRTH") and of(ms, "DBIRTH"), what="born on the second server")
+            await asyncio.sleep(0.3)
+        [born_one], [born_two] = of(one.messages, "NBIRTH"), of(two.messages, "NBIRTH")
+        deaths = of(one.messages, "NDEATH")
+        assert deaths and bd_seq(deaths[0]) == bd_seq(born_one), "no NDEATH on the server the host left"
+        assert one.messages.index(deaths[0]) > one.messages.index(born_one)
+        assert bd_seq(born_two) == (bd_seq(born_one) + 1) % 256
+        assert len(of(one.messages, "NBIRTH")) == 1, "it came back to the server whose host is offline"
+    finally:
+        first.stop()
+        second.stop()
 
 
 async def test_broker_killed_then_back_births_then_history_covering_the_outage(tmp_path):

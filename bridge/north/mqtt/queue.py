@@ -202,12 +202,13 @@ class DiskQueue:
         if records:
             await self._run(self._put, list(records))
 
-    async def peek(self, limit: int, stream: str | None = None) -> list[Peeked]:
-        """The oldest ``limit`` records (of ``stream``, or of all), oldest first, as
-        ``(id, message, created, stream)``; they stay queued until ``ack``."""
+    async def peek(self, limit: int, stream: str | None = None, after: int = 0) -> list[Peeked]:
+        """The oldest ``limit`` records (of ``stream``, or of all) with an id above ``after``, oldest
+        first, as ``(id, message, created, stream)``; they stay queued until ``ack``. ``after`` lets a
+        reader fetch the next batch while the previous one still awaits its acknowledgements."""
         if limit <= 0:
             return []
-        return await self._run(self._peek, limit, stream)
+        return await self._run(self._peek, limit, stream, after)
 
     async def ack(self, ids: Iterable[int]) -> None:
         """The broker acknowledged these records: delete them (ids no longer queued are ignored)."""
@@ -293,7 +294,7 @@ class DiskQueue:
             self._write_worked()
         self._publish()
 
-    def _peek(self, limit: int, stream: str | None) -> list[Peeked]:
+    def _peek(self, limit: int, stream: str | None, after: int = 0) -> list[Peeked]:
         try:
             if self._oldest is not None and self._oldest < self._clock() - self.max_age:
                 try:
@@ -305,7 +306,8 @@ class DiskQueue:
                         raise
                     self._note(exc)  # cannot drop the expired ones now: hand out what is there
             db = self._connection()
-            where, args = ("WHERE stream = ? ", (stream,)) if stream is not None else ("", ())
+            where, args = ("WHERE id > ? AND stream = ? ", (after, stream)) if stream is not None \
+                else ("WHERE id > ? ", (after,))
             skip = self._pending_acks
             rows = db.execute(f"SELECT id, topic, payload, qos, retain, created, stream FROM queue {where}"
                               "ORDER BY id LIMIT ?", (*args, limit + len(skip))).fetchall()

@@ -50,8 +50,10 @@ POLL_END_WAIT = 10.0  # seconds a changed meter waits for its poll to end before
 IN_FLIGHT = 256  # QoS 1 messages awaiting their PUBACK at once, per link
 REPLAY_BATCH = 256  # messages read from disk at once
 LIVE_LIMIT = 10_000  # live messages kept in memory per link before they go to disk
+YIELD_EVERY = 16  # meters sampled, or live items sent, between two yields to the event loop
 RESEND_WINDOW = 5.0  # seconds of Sparkplug samples kept back (QoS 0) to resend as history after a loss
 QUEUE_FILE = "mqtt-queue.sqlite3"
+HISTORY = "/history"  # JSON: the backlog of a meter's topic, replayed after an outage
 NODE_FIGURES = object()  # a Sparkplug live item: NDATA with the bridge's own figures
 BDSEQ_FILE = "sparkplug-bdseq"
 
@@ -109,7 +111,7 @@ class Link:
         self.end_session = ""  # why the session must end now (the Sparkplug primary host went offline)
 
     # flavour-specific, overridden
-    live_during_replay = False  # whether live messages may overtake the backlog (JSON: never)
+    live_during_replay = False  # whether live messages may go out before the backlog has (each flavour: yes)
 
     def will(self, bd_seq: int | None, now_ms: int | None = None) -> Publish: raise NotImplementedError
     def born(self, bd_seq: int | None) -> list[Publish]: raise NotImplementedError
@@ -126,7 +128,8 @@ class Link:
         if not messages:
             return
         now = time.time()
-        if self.spilling or not (self.connected and self.may_send()) or len(self.live) >= LIVE_LIMIT:
+        behind = self.spilling and not self.live_during_replay  # must queue behind the backlog
+        if behind or not (self.connected and self.may_send()) or len(self.live) >= LIVE_LIMIT:
             self.spilling = True
             self.side.spill(self.name, [(m, now) for m in messages])
         else:
@@ -157,6 +160,8 @@ class Link:
         self.last_error = f"{url}: {exc}" if str(exc) else f"{url}: {type(exc).__name__}"
         if not isinstance(exc, EXPECTED):  # a bug, not the network: say it loudly, then carry on
             log.error("MQTT %s: the session with %s failed", self.name, url, exc_info=exc)
+        elif self.side._closing:  # we are leaving: the connection ends as it should
+            log.debug("MQTT %s: left %s: %s", self.name, url, exc)
         elif self.was_up:
             log.warning("MQTT %s: connection to %s lost: %s", self.name, url, exc)
         elif self.connects == 0 or log.isEnabledFor(logging.DEBUG):
@@ -172,7 +177,7 @@ class Link:
             protocol=aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311,
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain), keepalive=max(1, int(cfg.keepalive)),
             timeout=CONNECT_TIMEOUT, tls_context=self.side.tls_context() if tls else None,
-            max_inflight_messages=IN_FLIGHT, logger=logging.getLogger("bridge.mqtt.client"))
+            max_inflight_messages=IN_FLIGHT, logger=_PAHO_LOG)
         client.pending_calls_threshold = IN_FLIGHT + 1  # our own bound; its warning would flood the log
         async with asyncio.timeout(CONNECT_TIMEOUT):
             await client.__aenter__()
@@ -242,6 +247,12 @@ class Link:
         async def put(message: Publish, created: float, record_id: int | None = None, keep: bool = True) -> None:
             if failed.done():
                 failed.result()
+            if message.qos == 0 and record_id is None:  # nothing to await: straight into paho's buffer
+                info = client._client.publish(message.topic, message.payload, 0, message.retain)
+                if info.rc != 0:
+                    raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                self.sent += 1
+                return
             await slots.acquire()
             key = next(keys)
             self.inflight[key] = (message, created, record_id, keep)
@@ -255,6 +266,7 @@ class Link:
             await self.side.flush_acks()
 
         born = False
+        upto = 0  # the last record of the backlog handed out in this session
         while True:
             if failed.done():
                 failed.result()
@@ -275,7 +287,9 @@ class Link:
             while self.urgent:
                 await put(self.urgent.popleft(), time.time(), keep=False)
             if self.spilling:  # the disk first, oldest first; a record leaves it once sent (QoS 1: acked)
-                records = await self.side.queue.peek(REPLAY_BATCH, self.name)
+                # the next batch is read while the previous one awaits its PUBACKs (``upto``): the replay
+                # runs at the broker's pace, not one round trip per batch
+                records = await self.side.queue.peek(REPLAY_BATCH, self.name, after=upto)
                 if records:
                     for record_id, message, created, _ in records:
                         forms = self.replay_forms(message)
@@ -283,20 +297,31 @@ class Link:
                             self.side.acked(record_id)
                         for i, form in enumerate(forms):
                             await put(form, created, record_id if i == len(forms) - 1 else None, keep=False)
-                    await drain()
+                        upto = record_id
+                        if self.live and self.live_during_replay:
+                            break  # live messages go out between two batches' worth of history
+                    await self.side.flush_acks()
                 elif self.side.unwritten(self.name):  # still on its way to disk: wait for it
                     self.wake.clear()
                     await self._wait(failed)
                     continue
                 else:
+                    await drain()  # every record acknowledged and deleted: the backlog is gone
+                    if await self.side.queue.peek(1, self.name):  # one written meanwhile: go on
+                        upto = 0
+                        continue
                     self.spilling = False
                     for message in self.replay_done():
                         await put(message, time.time(), keep=False)
             if not self.spilling or self.live_during_replay:
-                while self.live and not self.urgent:
+                for n in itertools.count(1):
+                    if not self.live or self.urgent:
+                        break
                     item, created = self.live.popleft()
                     for message in self.render(item):
                         await put(message, created)
+                    if n % YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # let a Modbus TCP request in between
             if not self.live and not self.urgent and not self.spilling:
                 self.wake.clear()
                 await self._wait(failed)
@@ -462,6 +487,13 @@ def decode_sample(stored: Publish, meters: dict) -> MeterSample | None:
 
 
 class JsonLink(Link):
+    """JSON topics. After an outage the live states go out at once (retained: a meter's topic always
+    holds its newest state); the backlog follows beside them on ``<topic>/<meter>/history``, not
+    retained, each message with its original ``ts``: a consumer that keeps series (Telegraf, Node-RED)
+    subscribes to both, Home Assistant sees only current states."""
+
+    live_during_replay = True
+
     def __init__(self, side: MqttSide, topics: JsonTopics, client_id: str):
         super().__init__(side, "json", client_id)
         self.topics = topics
@@ -476,6 +508,9 @@ class JsonLink(Link):
 
     def subscriptions(self) -> list[tuple[str, int]]:
         return [(topic, 1) for topic in self.topics.subscriptions()]
+
+    def replay_forms(self, stored: Publish) -> list[Publish]:
+        return [Publish(stored.topic + HISTORY, stored.payload, stored.qos, False)]
 
     def on_message(self, topic: str, payload: bytes) -> list[Publish]:
         if topic == self.topics.ha_status_topic and self.topics.homeassistant_status(payload):
@@ -563,11 +598,12 @@ class MqttSide:
         async def commit() -> None:  # new identities or meters: new births on new connections
             for link in self.links:
                 await link.say_goodbye()
-            old_topics = next((link.topics for link in self.links if isinstance(link, JsonLink)), None)
+            old = next((link for link in self.links if isinstance(link, JsonLink)), None)
             self._build(config)
             for link in self.links:
-                if isinstance(link, JsonLink) and old_topics is not None:
-                    link.retire = link.topics.retired(old_topics)
+                if isinstance(link, JsonLink) and old is not None:
+                    mine = set(link.topics.retained_topics())  # and what an earlier reload left to clear
+                    link.retire = link.topics.retired(old.topics) + [p for p in old.retire if p.topic not in mine]
             self._dirty.update(self._units)
             self._restart.set()
         return Staged(commit)
@@ -661,13 +697,15 @@ class MqttSide:
             units = self._complete()
             by_unit = {mv.unit: mv for mv in self.view.meters()}
             now = time.time()
-            for unit in units:
+            for n, unit in enumerate(units, 1):
                 mv = by_unit.get(unit)
                 if mv is None:
                     continue
                 sample = sample_of(mv)
                 for link in self.links:
                     self._feed(link, sample, now)
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a panel's worth of meters at once must not hold the loop
             if time.monotonic() >= next_periodic:
                 next_periodic = time.monotonic() + 1.0
                 for link in self.links:
@@ -725,6 +763,17 @@ class MqttSide:
 
 
 EXPECTED = (aiomqtt.MqttError, OSError, ssl.SSLError, TimeoutError)  # what a network or a broker does
+
+
+class _PahoLog(logging.LoggerAdapter):
+    """paho logs a broker that went away as an error ("failed to receive on socket"): a normal event,
+    which the link reports itself (one warning, the connection lost). Its lines go out at debug level."""
+
+    def log(self, level, msg, *args, **kwargs):
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+_PAHO_LOG = _PahoLog(logging.getLogger("bridge.mqtt.client"), {})
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:
