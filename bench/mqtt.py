@@ -118,6 +118,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PROFILE = "eastron-sdm120"  # 14 float32 measurements
+HISTORY = "/history"  # the JSON backlog's topic suffix (bridge/north/mqtt/side.py)
 N_MEASUREMENTS = 14
 GROUP, NODE = "bench", "panel-1"
 JSON_TOPIC = f"modbus-bridge/{NODE}"
@@ -538,15 +539,17 @@ class NodeSubscriber:
         if leaf == "status":
             self.kinds[f"status {m['payload']}"] += 1
             return
-        self.kinds["state"] += 1
+        hist = leaf.endswith(HISTORY)  # the backlog after an outage, beside the live states
+        meter = leaf[:-len(HISTORY)] if hist else leaf
+        self.kinds["history" if hist else "state"] += 1
         body = json.loads(m["payload"])
         values = tuple((body.get("values") or {}).values())
         prev = self._values.get(leaf)
         changed = sum(1 for a, b in zip(prev, values) if a != b) if prev is not None else None
         self._values[leaf] = values
         ts = body.get("ts")
-        self.json.append((received, leaf, None if ts is None else ts / 1000, body.get("status"), changed,
-                          len(values), len(m["payload"].encode()) + len(topic.encode())))
+        self.json.append((received, meter, None if ts is None else ts / 1000, body.get("status"), changed,
+                          len(values), len(m["payload"].encode()) + len(topic.encode()), hist))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -818,7 +821,8 @@ def json_quality(records) -> dict:
     for r in records:
         if r[2] is None:
             continue
-        prev = last.get(r[1])
+        stream = (r[1], r[7])  # live and history are two streams, each in order
+        prev = last.get(stream)
         if prev is not None:
             if r[2] == prev:
                 if r[4]:
@@ -827,7 +831,7 @@ def json_quality(records) -> dict:
                     dup += 1
             elif r[2] < prev:
                 back += 1
-        last[r[1]] = r[2]
+        last[stream] = r[2]
     return {"duplicates": dup, "split": split, "out_of_order": back, "messages": len(records),
             "changed_mean": statistics.fmean(changed) if changed else math.nan,
             "all_changed_pct": 100 * sum(1 for c in changed if c == N_MEASUREMENTS) / len(changed) if changed else math.nan,
@@ -848,7 +852,7 @@ def own_ts(records) -> list:
 def latency_window(stack: Stack, w0: float, w1: float) -> dict:
     out = {}
     if stack.js_sub is not None:
-        every = [r for r in list(stack.js_sub.json) if r[2] is not None and r[3] == "good"]
+        every = [r for r in list(stack.js_sub.json) if r[2] is not None and r[3] == "good" and not r[7]]
         js = [r for r in every if w0 <= r[2] <= w1]
         out["json"] = stats_ms([(r[0] - r[2]) * 1e3 for r in js])
         out["json_own_ts"] = stats_ms([(r[0] - r[2]) * 1e3 for r in own_ts(every) if w0 <= r[2] <= w1])
@@ -1053,13 +1057,14 @@ def outage_analysis(stack: Stack, check_from, t_kill, t_up, t_drained, t_end, sa
     # JSON replay: the backlog = received after the restart, made before the bridge was back
     cj = conn["json"]
     if cj:
-        backlog = [r for r in js if r[0] >= t_up - 0.5 and r[2] is not None and r[2] < cj]
+        backlog = [r for r in js if r[7] and r[2] is not None]  # on <topic>/<meter>/history
         if backlog:
             t_drain = max(r[0] for r in backlog)
             replay = max(t_drain - cj, 1e-3)
             buffered = cj - t_kill
-            live = [(r[0] - r[2]) * 1e3 for r in js if r[2] is not None and cj <= r[2] <= t_drain]
-            after = [(r[0] - r[2]) * 1e3 for r in js if r[2] is not None and t_drain + 2 <= r[2] <= t_end - 2]
+            live = [(r[0] - r[2]) * 1e3 for r in js if not r[7] and r[2] is not None and cj <= r[2] <= t_drain]
+            after = [(r[0] - r[2]) * 1e3 for r in js if not r[7] and r[2] is not None
+                     and t_drain + 2 <= r[2] <= t_end - 2]
             out["json_replay"] = {
                 "messages": len(backlog), "buffered_s": buffered, "replay_s": replay, "speed_x": buffered / replay,
                 "msgs_per_s": len(backlog) / replay, "bytes": sum(r[6] for r in backlog),
@@ -1213,7 +1218,7 @@ def evaluate(r: dict, args) -> tuple[list[dict], list[str]]:
                 f"{sr['speed_x']:.1f}× ({sr['messages']:,} messages in {sr['replay_s']:.2f} s)",
                 sr["speed_x"] >= TARGET_REPLAY_X)
         for label, rep in (("Sparkplug (live DDATA beside the history)", sr),
-                           ("JSON (in order: live messages queue behind the backlog)", jr)):
+                           ("JSON (live states beside the history topic)", jr)):
             if rep:
                 lv = rep["live"]
                 row(f"live p99 during the replay ≤ {TARGET_LIVE_MS:g} ms, {label}",

@@ -76,6 +76,10 @@ class App:
             from bridge.north.mqtt.side import MqttSide  # its client library only when it is used
 
             sides["mqtt"] = lambda: MqttSide(config, self.view)
+        if config.energy is not None:
+            from bridge.energy.recorder import EnergyRecorder
+
+            sides["energy"] = lambda: EnergyRecorder(config, self.view)
         return sides
 
     async def _route_write(self, unit: int, request: P.WriteRequest) -> bytes:

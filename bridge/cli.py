@@ -76,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     points.add_argument("-c", "--config", required=True, metavar="FILE")
     points.add_argument("--format", choices=["csv", "json", "md"], default="csv")
 
+    energy = sub.add_parser("energy", help="interval energy kept by the bridge (reads its store, also while it runs)")
+    energy_sub = energy.add_subparsers(dest="energy_command", required=True, metavar="ACTION", parser_class=_Parser)
+    report = energy_sub.add_parser("report", help="per meter for a billing period: energy per tariff, maximum "
+                                                  "demand with its time, interval statuses")
+    report.add_argument("-c", "--config", required=True, metavar="FILE")
+    report.add_argument("--meter", metavar="M", help="one meter (real or virtual); default: all")
+    report.add_argument("--from", dest="start", metavar="DATE",
+                        help="a date (local midnight in energy.timezone) or an ISO time; default: the current "
+                             "billing period")
+    report.add_argument("--to", dest="end", metavar="DATE")
+    report.add_argument("--format", choices=["csv", "json", "md"], default="md")
+
     sub.add_parser("hash-password", help="hash an OPC UA user's password for the configuration (reads stdin)")
 
     profiles = sub.add_parser("profiles", help="list the built-in meter profiles, or show one")
@@ -307,6 +319,46 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_energy(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from bridge.config.loader import load_config
+    from bridge.energy.recorder import build_reports, energy_meters
+    from bridge.energy.store import STORE_FILE, EnergyDb, StoreError
+    from bridge.north import energy_api
+    from bridge.energy.tariffs import billing_period
+
+    config = load_config(args.config)
+    if config.energy is None:
+        print(f"{PROG}: {args.config}: no energy: section, so the bridge keeps no interval energy", file=sys.stderr)
+        return 2
+    cfg = config.energy
+    names = energy_meters(config)
+    if args.meter and args.meter not in names:
+        print(f"{PROG}: no meter {args.meter!r} with energy counters; one of: {', '.join(names)}", file=sys.stderr)
+        return 2
+    try:
+        now = int(time.time())
+        params = {k: v for k, v in (("from", args.start), ("to", args.end)) if v}
+        start, end = energy_api.time_range(params, cfg.timezone, billing_period(now, cfg.timezone, cfg.billing_day))
+        db = EnergyDb(Path(config.state_dir) / STORE_FILE, read_only=True)
+    except (energy_api.BadQuery, StoreError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        reports = build_reports(db, cfg, [args.meter] if args.meter else names, start, end)
+    finally:
+        db.close()
+    if args.format == "json":
+        print(json.dumps({"from": energy_api.iso(start), "to": energy_api.iso(end), "meters": reports}, indent=1))
+    elif args.format == "csv":
+        sys.stdout.write(energy_api.report_csv(reports).decode())
+    else:
+        sys.stdout.write(energy_api.report_markdown(reports))
+    return 0
+
+
 def cmd_points(args: argparse.Namespace) -> int:
     import csv
 
@@ -368,4 +420,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scan": cmd_scan,
     "read": cmd_read,
     "points": cmd_points,
+    "energy": cmd_energy,
 }

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from bridge.core import mbap
 from bridge.app import App
 from bridge.core.codec import Function
-from bridge.core.model import (Config, HttpConfig, MeterConfig, ModbusTcpConfig, MqttConfig, OpcUaConfig, RegisterRange,
-                               SegmentConfig)
+from bridge.core.model import (Config, EnergyConfig, HttpConfig, MeterConfig, ModbusTcpConfig, MqttConfig,
+                               OpcUaConfig, RegisterRange, SegmentConfig)
 from bridge.config.profiles import get_builtin
 from bridge.south.simulator import SimMeter, SimulatedBus
 
@@ -78,6 +78,7 @@ async def running_bridge(
     opcua_options: dict | None = None,
     http: bool = False,
     mqtt: MqttConfig | None = None,
+    energy: EnergyConfig | None = None,
     state_dir: str = "",
     **segment_options,
 ) -> AsyncIterator[Harness]:
@@ -117,6 +118,7 @@ async def running_bridge(
                                   namespace=namespace, security=("None",)), **(opcua_options or {})),
         http=HttpConfig("127.0.0.1", 0) if http else None,
         mqtt=mqtt,
+        energy=energy,
         state_dir=state_dir,
     )
     try:

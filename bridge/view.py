@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from bridge.core.diagnostics import MeterDiagnostics, SegmentDiagnostics
 from bridge.core.image import Health, RegisterImage, UnitImage
@@ -55,6 +55,20 @@ class NorthSource(Protocol):
     name: str
 
     def status(self) -> NorthStatus: ...
+
+
+class EnergySource(Protocol):
+    """Interval energy as the north sides read it (the energy recorder, when ``energy:`` is on)."""
+
+    interval_s: int
+    timezone: str  # IANA: what a date without an offset means
+    billing_day: int
+
+    def meter_names(self) -> list[str]: ...
+    def last(self, meter: str) -> Any: ...  # its last closed interval (bridge.energy.types.Interval) or None
+    def alarm_state(self) -> dict[str, dict]: ...
+    async def intervals(self, meter: str, start: int, end: int) -> list[Any]: ...
+    async def report(self, start: int, end: int, meters: list[str]) -> list[dict]: ...
 
 
 @dataclass
@@ -148,11 +162,14 @@ class BridgeView:
         self._north: Mapping[str, NorthSource] = {}
         self.parts: dict[str, PartState] = {}  # written by the App's supervisor
         self.listening = False  # every enabled north side listens (set by the App)
+        self.energy: EnergySource | None = None  # interval energy, when configured
 
     def attach(self, segments: Sequence[SegmentSource], north: Mapping[str, NorthSource]) -> None:
         """The parts in force now (the App calls this after starting and after every reload)."""
         self._segments = tuple(segments)
         self._north = dict(north)
+        energy = north.get("energy")
+        self.energy: EnergySource | None = energy  # type: ignore[assignment]
 
     # ------------------------------------------------------------ bus side
     def segments(self) -> list[SegmentView]:

@@ -6,9 +6,10 @@ import uvloop
 def pytest_asyncio_loop_factories(config, item):
     """The product runs on uvloop, so every async test does; the core end-to-end
     tests (modules named *_e2e) also run on plain asyncio, as a check that nothing
-    depends on one loop's quirks. The hostile-input, security and MQTT tests run on
-    uvloop only, to keep the suite within its time budget."""
+    depends on one loop's quirks. The hostile-input, security, MQTT, Sparkplug and energy
+    tests run on uvloop only, to keep the suite within its time budget."""
     factories = {"uvloop": uvloop.new_event_loop}
-    if item.module is not None and item.module.__name__.endswith("_e2e") and "mqtt" not in item.module.__name__:
+    name = item.module.__name__ if item.module is not None else ""
+    if name.endswith("_e2e") and not any(part in name for part in ("mqtt", "sparkplug", "energy")):
         factories["asyncio"] = asyncio.new_event_loop
     return factories

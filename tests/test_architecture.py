@@ -5,7 +5,11 @@ Every import statement counts: at module level, inside functions and classes, an
 first step towards a runtime one). Nothing is imported here: the source is parsed with ``ast``.
 
 - bridge.core is pure: no I/O or adapter library, and nothing from bridge outside bridge.core.
-- bridge.config builds on bridge.core only (and itself).
+- the energy arithmetic (bridge.energy.types, intervals, tariffs, report) is pure in the same way: it
+  builds on bridge.core and itself only.
+- bridge.config builds on bridge.core only (and itself, and the pure energy parsers).
+- the energy store and recorder are adapters: like a north side, they know neither bridge.south nor the
+  assembly.
 - bridge.south and bridge.north do not know each other, nor what assembles them (app, service, cli, demo,
   testing): neither side receives the App.
 - no import cycle among bridge modules.
@@ -267,12 +271,38 @@ def test_core_is_pure():
                                   "outside bridge.core", violations)
 
 
+ENERGY_PURE = ("bridge.energy.types", "bridge.energy.intervals", "bridge.energy.tariffs", "bridge.energy.report")
+
+
+def test_energy_arithmetic_is_pure():
+    violations = []
+    for module in ENERGY_PURE:
+        assert module in MODULES, f"{module} not found: update tests/test_architecture.py"
+        for imp in IMPORTS[module]:
+            if imp.top in CORE_FORBIDDEN or imp.top in ("sqlite3", "concurrent"):
+                violations.append(f"{imp}  -> {imp.top} is I/O or an adapter library")
+            elif within(imp.target, "bridge") and not (within(imp.target, "bridge.core") or imp.target in ENERGY_PURE
+                                                        or imp.target == "bridge.energy"):
+                violations.append(f"{imp}  -> {imp.target} is neither bridge.core nor pure energy arithmetic")
+    assert not violations, report("the energy arithmetic must stay pure", violations)
+
+
+def test_energy_adapters_know_neither_the_bus_nor_the_assembly():
+    violations = [f"{imp}  -> {imp.target}"
+                  for module in MODULES if within(module, "bridge.energy")
+                  for imp in bridge_imports(module)
+                  if within(imp.target, "bridge.south") or any(within(imp.target, a) for a in ASSEMBLY)]
+    assert not violations, report("bridge.energy must import nothing from bridge.south nor the assembly", violations)
+
+
 def test_config_builds_on_core_only():
     violations = [f"{imp}  -> {imp.target}"
                   for module in MODULES if within(module, "bridge.config")
                   for imp in bridge_imports(module)
-                  if not (within(imp.target, "bridge.core") or within(imp.target, "bridge.config"))]
-    assert not violations, report("bridge.config may import only bridge.core and bridge.config", violations)
+                  if not (within(imp.target, "bridge.core") or within(imp.target, "bridge.config")
+                          or imp.target in ENERGY_PURE)]
+    assert not violations, report("bridge.config may import only bridge.core, bridge.config and the pure energy "
+                                  "arithmetic", violations)
 
 
 @pytest.mark.parametrize("side, other", [("bridge.south", "bridge.north"), ("bridge.north", "bridge.south")])

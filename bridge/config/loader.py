@@ -36,6 +36,7 @@ from bridge.core.model import (
     SegmentConfig,
     SparkplugConfig,
 )
+from bridge.config.energy import ENERGY_SCHEMA, build_energy, energy_summary
 from bridge.config.profiles import RANGES, UnknownProfile, build_ranges, resolve_profile
 from bridge.config.yamlsource import (
     INVALID,
@@ -428,6 +429,7 @@ TOP_SCHEMA: dict[str, Field] = {
     "opcua": Field(record_of(OPCUA_SCHEMA, null_is_empty=True), None),
     "http": Field(record_of(HTTP_SCHEMA, null_is_empty=True), None),  # absent: no HTTP server
     "mqtt": Field(_keyed_record(MQTT_SCHEMA, null_is_empty=True), None),  # absent: no MQTT
+    "energy": Field(record_of(ENERGY_SCHEMA, null_is_empty=True), None),  # absent: no interval energy
     "state_dir": Field(text(), None),  # absent: $STATE_DIRECTORY, else state/ next to the configuration file
 }
 
@@ -609,7 +611,8 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
     measurements = None if None in segments else {
         m.name for seg in segments for meter in seg.meters for m in meter.profile.measurements}
     mqtt = _mqtt(v["mqtt"], ctx.child("mqtt"), base_dir, measurements, builder.meter_names)
-    if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http, mqtt):
+    energy = build_energy(v["energy"], ctx.child("energy"), builder.meter_names)
+    if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http, mqtt, energy):
         return None
     if modbus_tcp is not None and modbus_tcp.consolidated is not None:
         _check_consolidated(modbus_tcp.consolidated, segments, builder.units, v["modbus_tcp"], ctx)
@@ -622,7 +625,7 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
                                 trusted_clients_dir=str(base_dir / (opcua.trusted_clients_dir or pki / "trusted")))
     return Config(segments=tuple(segments), stale_after=stale_after,
                   modbus_tcp=modbus_tcp or ModbusTcpConfig(), opcua=opcua,
-                  http=http, mqtt=mqtt, source=str(ctx.file), state_dir=state_dir)
+                  http=http, mqtt=mqtt, energy=energy, source=str(ctx.file), state_dir=state_dir)
 
 
 def _check_consolidated(cmap: ConsolidatedMap, segments: list[SegmentConfig], units: dict[int, tuple[str, int]],
@@ -848,6 +851,7 @@ def summary(config: Config) -> str:
     lines.append(f"opc ua: {f'{ua.endpoint} (namespace {ua.namespace})' if ua.enabled else 'off'}")
     lines.append(f"http: {_hostport(config.http.host, config.http.port) if config.http else 'off'}")
     lines.append(f"mqtt: {_mqtt_summary(config.mqtt) if config.mqtt else 'off'}")
+    lines.append(f"energy: {energy_summary(config.energy) if config.energy else 'off'}")
     lines.append(f"state directory: {config.state_dir or 'not set'}")
     return "\n".join(lines)
 

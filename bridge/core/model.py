@@ -231,6 +231,47 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class TariffConfig:
+    """A time-of-use period: local time of day [start, end) on some days; no days and no times: the rest."""
+    name: str
+    days: frozenset[int] | None = None  # 0 = Monday … 6 = Sunday; None: every day
+    start: int | None = None  # minutes after local midnight; None with end None: the whole day
+    end: int | None = None  # minutes after local midnight, 1440 for midnight; end < start wraps over midnight
+
+
+@dataclass(frozen=True)
+class BalanceAlarmConfig:
+    reference: str  # the meter the balance is a percentage of (usually the incomer)
+    above_percent: float  # |balance| above this share of the reference's energy …
+    intervals: int = 1  # … for this many intervals in a row raises the alarm
+
+
+@dataclass(frozen=True)
+class VirtualMeterConfig:
+    name: str
+    terms: tuple[tuple[int, str], ...]  # (+1 or -1, meter name), in formula order
+    formula: str = ""  # as written
+    alarm: BalanceAlarmConfig | None = None
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    interval: int = 15  # minutes, a divisor of 60; boundaries aligned to UTC
+    timezone: str = "UTC"  # IANA name: tariffs, billing periods and reports
+    retention_days: int = 400
+    billing_day: int = 1  # a billing period starts on this day of the month (1..28), local midnight
+    max_gap: float = 0.0  # seconds between readings beyond which a boundary is estimated; 0: 2 × stale_after
+    demand_window: int = 0  # minutes of sliding demand (a multiple of the interval); 0: block demand only
+    tariffs: tuple[TariffConfig, ...] = ()
+    virtual: tuple[VirtualMeterConfig, ...] = ()
+    seconds: int = 0  # tests only, never from the file: an interval this many seconds long instead
+
+    @property
+    def interval_s(self) -> int:
+        return self.seconds or self.interval * 60
+
+
+@dataclass(frozen=True)
 class Config:
     segments: tuple[SegmentConfig, ...]
     stale_after: float = 10.0
@@ -238,6 +279,7 @@ class Config:
     opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     http: HttpConfig | None = None  # off when the key is absent
     mqtt: MqttConfig | None = None  # off when the key is absent
+    energy: EnergyConfig | None = None  # off when the key is absent
     source: str = ""
     # the one writable place for what the bridge keeps between runs (OPC UA certificates, MQTT queue and
     # Sparkplug bdSeq, energy store); absolute after load_config; "": not set (bridge.state refuses it)

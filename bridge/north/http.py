@@ -23,6 +23,7 @@ from importlib import resources
 from bridge.core.errors import BridgeError
 from bridge.core.image import Health
 from bridge.core.model import Config, HttpConfig
+from bridge.north import energy_api
 from bridge.north.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bridge.north.metrics import exposition, make_registry
 from bridge.north.side import Staged, listen_error
@@ -37,6 +38,7 @@ WRITE_TIMEOUT = 10.0  # seconds for a client to take a response
 MAX_CONNECTIONS = 64
 MAX_REQUESTS = 1000  # per keep-alive connection
 
+ENERGY_ROUTES = ("/api/energy", "/api/energy/report")
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             503: "Service Unavailable"}
 _TEXT = "text/plain; charset=utf-8"
@@ -151,7 +153,7 @@ class HttpServer:
                     await self._bad(reader, writer, "request head too large")
                     return
                 try:
-                    method, path, keep_alive = _parse(head)
+                    method, target, keep_alive = _parse(head)
                 except _BadRequest as exc:
                     await self._bad(reader, writer, str(exc))
                     return
@@ -160,8 +162,11 @@ class HttpServer:
                     writer.write(_response(405, _TEXT, b"method not allowed\n", {"Allow": "GET, HEAD"},
                                            keep_alive=False))
                     return
+                path = target.split("?", 1)[0]
                 route = self._routes.get(path)
-                if route is None:
+                if path in ENERGY_ROUTES:
+                    status, ctype, body, extra = await self._energy(path, target)
+                elif route is None:
                     status, ctype, body, extra = 404, _TEXT, b"not found\n", {}
                 else:
                     status, ctype, body, extra = route()
@@ -206,6 +211,22 @@ class HttpServer:
             pass
 
     # ------------------------------------------------------------ endpoints
+    async def _energy(self, path: str, target: str):
+        """The interval energy API (``energy_api``); 404 while ``energy:`` is off, 400 for a bad query."""
+        energy = self.view.energy
+        if energy is None:
+            return 404, _TEXT, b"interval energy is off: add an energy: section to the configuration\n", {}
+        try:
+            params = energy_api.query(target)
+            now = int(time.time())
+            if path == "/api/energy":
+                ctype, body = await energy_api.answer_intervals(energy, params, now)
+            else:
+                ctype, body = await energy_api.answer_report(energy, params, now)
+        except energy_api.BadQuery as exc:
+            return 400, _TEXT, f"{exc}\n".encode(), {}
+        return 200, ctype, body, {}
+
     def _index(self):
         return 200, "text/html; charset=utf-8", self._page, {"Content-Security-Policy": _PAGE_CSP}
 
@@ -269,18 +290,35 @@ class HttpServer:
             })
         upstream: dict[str, object] = {}
         for name, st in self.view.north().items():
-            if name == "http":
+            if name in ("http", "energy"):
                 continue
             shown = st.counters if name == "mqtt" else {
                 k: v for k, v in st.counters.items() if k in ("connections", "requests", "sessions")}
             upstream[name] = {"address": st.address, "listening": st.listening, "note": st.note, **shown}
         missing = self.view.not_ready()
         return {"time": time.time(), "ready": not missing, "not_ready": missing,
-                "healthy": not self.view.problems(), "segments": segments, "upstream": upstream}
+                "healthy": not self.view.problems(), "segments": segments, "upstream": upstream,
+                "energy": self._energy_summary()}
+
+    def _energy_summary(self) -> dict | None:
+        """The meters with intervals (the page fetches their charts from /api/energy), each one's last
+        closed interval, and the balance alarms; None while interval energy is off."""
+        energy = self.view.energy
+        if energy is None:
+            return None
+        last = {}
+        for name in energy.meter_names():
+            i = energy.last(name)
+            if i is not None:
+                last[name] = {"end": i.end, "status": i.status,
+                              "import_active_energy": _clean(i.energy.get("import_active_energy")),
+                              "demand": _clean(i.demand)}
+        return {"interval": energy.interval_s, "meters": energy.meter_names(), "last": last,
+                "alarms": energy.alarm_state()}
 
 
 def _parse(head: bytes) -> tuple[str, str, bool]:
-    """Method, path (query dropped) and whether to keep the connection open; _BadRequest if malformed."""
+    """Method, target (path and query) and whether to keep the connection open; _BadRequest if malformed."""
     try:
         text = head.decode("ascii")
     except UnicodeDecodeError:
@@ -310,7 +348,7 @@ def _parse(head: bytes) -> tuple[str, str, bool]:
         raise _BadRequest("request bodies are not accepted")
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
-    return method, target.split("?", 1)[0], keep_alive
+    return method, target, keep_alive
 
 
 def _response(status: int, content_type: str, body: bytes, extra: dict[str, str], keep_alive: bool,
