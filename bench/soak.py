@@ -83,7 +83,7 @@ DEMO_MIRRORED = {"incomer": (0, 80)}
 UNKNOWN_UNITS = (3, 99, 200)
 PLAUSIBLE = {"voltage": (215.0, 245.0), "voltage_l1": (215.0, 245.0), "voltage_l2": (215.0, 245.0),
              "voltage_l3": (215.0, 245.0), "frequency": (49.5, 50.5)}
-OPCUA_POINTS = [("incomer.voltage", 215.0, 245.0), ("hvac.frequency", 49.5, 50.5),
+OPCUA_POINTS = [("incomer.voltage_l1", 215.0, 245.0), ("hvac.frequency", 49.5, 50.5),
                 ("lighting.current", 0.1, 41.0), ("sockets.active_power", 1.0, 10_000.0)]
 OPCUA_RECONNECT = 60.0
 

@@ -324,7 +324,9 @@ def cmd_energy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bridge.config.loader import load_config
-    from bridge.energy.recorder import build_reports, energy_meters
+    import dataclasses
+
+    from bridge.energy.recorder import build_reports, energy_meters, recorded_interval
     from bridge.energy.store import STORE_FILE, EnergyDb, StoreError
     from bridge.north import energy_api
     from bridge.energy.tariffs import billing_period
@@ -347,6 +349,9 @@ def cmd_energy(args: argparse.Namespace) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     try:
+        recorded = recorded_interval(db.states())  # the store's own interval length wins over the file's
+        if recorded and recorded != cfg.interval_s:
+            cfg = dataclasses.replace(cfg, seconds=recorded)
         reports = build_reports(db, cfg, [args.meter] if args.meter else names, start, end)
     finally:
         db.close()

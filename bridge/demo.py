@@ -16,9 +16,11 @@ from bridge.south.simulator import SimMeter, SimulatedBus
 
 # segment -> [(meter name, slave, upstream unit, profile)]
 DEMO_LAYOUT = {
-    "panel-a": [("incomer", 1, 1, "eastron-sdm120"), ("hvac", 2, 2, "eastron-sdm630")],
+    "panel-a": [("incomer", 1, 1, "eastron-sdm630"), ("hvac", 2, 2, "eastron-sdm630")],
     "panel-b": [("lighting", 1, 11, "eastron-sdm120"), ("sockets", 2, 12, "eastron-sdm120")],
 }
+INCOMER, SUBMETERS = "incomer", ("hvac", "lighting", "sockets")  # the incomer feeds the others …
+UNMETERED_W = 400.0  # … and a load no sub-meter sees: what the energy balance must show
 
 
 def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, http_port: int = 8080,
@@ -35,7 +37,7 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
                 "        poll_interval: 0.5",
                 f"        writable: {'true' if name == 'sockets' else 'false'}",
             ]
-            if name == "incomer":  # mirror the SDM120's first 80 input registers, as PLC drivers read them
+            if name == INCOMER:  # mirror the meter's first 80 input registers, as PLC drivers read them
                 lines += ["        ranges:", "          - {function: input, start: 0x0000, count: 80}"]
     lines += [
         "stale_after: 5.0",
@@ -46,6 +48,17 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
         "  security: [None]  # the demo only: a real installation signs and encrypts",
         "http:",
         f"  listen: {host}:{http_port}",
+        "state_dir: state",
+        "energy:  # one-minute intervals so that the demo shows some soon (15 is usual)",
+        "  interval: 1",
+        "  timezone: Europe/Berlin",
+        "  tariffs:",
+        '    - {name: peak, days: mon-fri, from: "08:00", to: "20:00"}',
+        "    - {name: offpeak}",
+        "  virtual:",
+        "    - name: unmetered",
+        f"      formula: {INCOMER} - {' - '.join(SUBMETERS)}",
+        f"      alarm: {{reference: {INCOMER}, above_percent: 10, intervals: 3}}",
     ]
     if mqtt:  # a broker the user runs: the demo starts none
         lines += [
@@ -66,6 +79,8 @@ def banner(app: App, config_path: Path) -> str:
         f"  Modbus TCP:    127.0.0.1:{port}",
         f"  OPC UA:        {app.config.opcua.endpoint}  (namespace {app.config.opcua.namespace}, no security)",
         f"  status page:   http://127.0.0.1:{app.http.port}/   (also /metrics, /healthz, /readyz)",
+        f"  energy:        http://127.0.0.1:{app.http.port}/api/energy?meter=unmetered   "
+        f"(1-minute intervals; /api/energy/report)",
     ]
     if app.config.mqtt is not None:
         rows.append(f"  MQTT:          {', '.join(app.config.mqtt.brokers)}  (Sparkplug B spBv1.0/demo/+/demo-panel/#,"
@@ -78,10 +93,10 @@ def banner(app: App, config_path: Path) -> str:
             rows.append(f"    unit {m.unit:<3} {m.name:<10} {m.profile.name:<16} segment {seg.name} slave {m.slave}")
     rows += [
         "  try, from another terminal:",
-        f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 1 -1 127.0.0.1     # unit 1 voltage (V)",
+        f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 1 -1 127.0.0.1     # unit 1 voltage L1 (V)",
         f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 40 -1 127.0.0.1    # unit 1, 80 mirrored registers",
         f"    mbpoll -m tcp -p {port} -a 12 -t 3:float -B -r 13 -c 1 127.0.0.1      # unit 12 active power, every second",
-        f"    .venv/bin/uaread -u {app.config.opcua.endpoint} -n 'ns=2;s=incomer.voltage'",
+        f"    .venv/bin/uaread -u {app.config.opcua.endpoint} -n 'ns=2;s=incomer.voltage_l1'",
         f"    .venv/bin/uabrowse -u {app.config.opcua.endpoint} -n 'ns=2;s=Meters/' -l 2",
     ]
     return "\n".join(rows)
@@ -90,10 +105,14 @@ def banner(app: App, config_path: Path) -> str:
 async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None = None,
                    http_port: int = 8080, mqtt: str = "") -> None:
     """Run until ``stop`` is set (or cancelled)."""
-    buses = {
-        segment: SimulatedBus([SimMeter(slave, get_builtin(profile)) for _, slave, _, profile in meters])
-        for segment, meters in DEMO_LAYOUT.items()
-    }
+    sims = {name: SimMeter(slave, get_builtin(profile)) for meters in DEMO_LAYOUT.values()
+            for name, slave, _, profile in meters if name != INCOMER}
+    for meters in DEMO_LAYOUT.values():
+        for name, slave, _, profile in meters:
+            if name == INCOMER:
+                sims[name] = SimMeter(slave, get_builtin(profile), feeds=[sims[s] for s in SUBMETERS],
+                                      extra_w=UNMETERED_W)
+    buses = {segment: SimulatedBus([sims[name] for name, *_ in meters]) for segment, meters in DEMO_LAYOUT.items()}
     ports = {segment: bus.open() for segment, bus in buses.items()}
     try:
         with tempfile.TemporaryDirectory(prefix="modbus-bridge-demo-") as tmp:

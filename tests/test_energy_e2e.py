@@ -51,12 +51,13 @@ class Counters:
         self.start[name] = -self.rates[name] * (time.time() - self.t0) / 3600.0
 
     async def run(self) -> None:
-        while True:
-            for name, sim in self.sims.items():
-                if name in self.rates:
-                    sim.set_value("import_active_energy", self.value(name))
-                    sim.set_value("active_power", self.rates[name] * 1000.0)
-            await asyncio.sleep(0.02)
+        """Each meter computes its registers as it answers (``SimMeter.tick`` runs before every reply), so
+        a reply carries the counter of that instant whatever the event loop was doing."""
+        for name, sim in self.sims.items():
+            if name in self.rates:
+                sim.tick = lambda name=name, sim=sim: sim.set_values(
+                    {"import_active_energy": self.value(name), "active_power": self.rates[name] * 1000.0})
+        await asyncio.Event().wait()
 
 
 async def api(port: int, path: str) -> dict:

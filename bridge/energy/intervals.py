@@ -268,7 +268,7 @@ class MeterIntervals:
             if interval is not None:
                 closed.append(interval)
             self._start, self._open, self._closed_until = ends, end, end
-            self._clock_step = False  # the next interval also holds part of a stepped bracket
+            self._clock_step = stepped  # the next interval also holds part of a stepped bracket
         return closed
 
     def _interval(self, start: int, end: int, ends: dict[str, _Bound]) -> Interval | None:

@@ -62,6 +62,14 @@ def energy_meters(config: Config) -> list[str]:
     return real + virtual
 
 
+def recorded_interval(states: Mapping[str, Any]) -> int | None:
+    """The interval length the running (or last) bridge records with, from its stored open states."""
+    for state in states.values():
+        if isinstance(state, dict) and isinstance(state.get("key"), list) and state["key"]:
+            return int(state["key"][0])
+    return None
+
+
 def max_gap(config: Config) -> float:
     energy = config.energy
     return energy.max_gap if energy is not None and energy.max_gap > 0 else 2.0 * config.stale_after
@@ -267,6 +275,9 @@ class EnergyRecorder:
     def meter_names(self) -> list[str]:
         return [*self.meters, *self.virtual]
 
+    def virtual_names(self) -> list[str]:
+        return list(self.virtual)
+
     def last(self, meter: str) -> Interval | None:
         return self._last.get(meter)
 
@@ -300,9 +311,11 @@ def fill_missing(meter: str, stored: list[Interval], start: int, until: int, int
 
 
 def build_reports(db: EnergyDb, cfg: EnergyConfig, meters: list[str], start: int, end: int) -> list[dict]:
-    """Per meter, the billing report for [start, end) (synchronous: the store's thread, or the CLI)."""
+    """Per meter, the billing report for [start, end) (synchronous: the store's thread, or the CLI). A period
+    that has not ended is reported up to the last boundary passed: slots still to come are not missing."""
     plan = TariffPlan(cfg.tariffs, cfg.timezone) if cfg.tariffs else None
     interval_s = cfg.interval_s
+    end = max(start, min(end, int(time.time()) // interval_s * interval_s))
     return [meter_report(m, db.intervals(m, start, end), plan, (start, end), window_s=cfg.demand_window * 60,
                          interval_s=interval_s) for m in meters]
 

@@ -313,7 +313,8 @@ class HttpServer:
                 last[name] = {"end": i.end, "status": i.status,
                               "import_active_energy": _clean(i.energy.get("import_active_energy")),
                               "demand": _clean(i.demand)}
-        return {"interval": energy.interval_s, "meters": energy.meter_names(), "last": last,
+        return {"interval": energy.interval_s, "meters": energy.meter_names(), "virtual": energy.virtual_names(),
+                "last": last,
                 "alarms": energy.alarm_state()}
 
 

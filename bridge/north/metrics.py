@@ -66,6 +66,7 @@ class BridgeCollector:
         yield from self._modbus_tcp()
         yield from self._opcua()
         yield from self._mqtt()
+        yield from self._energy()
         yield from self._parts()
 
     # ------------------------------------------------------------ bus side
@@ -205,6 +206,50 @@ class BridgeCollector:
                 fam = kind(f"{n}_{name}", doc)
                 fam.add_metric([], c[key])
                 yield fam
+
+    def _energy(self) -> Iterator[Metric]:
+        """Interval energy: the recorder's own counters (its north status) and, per meter, the last closed
+        interval and the balance alarms (the read model ``view.energy``). Nothing while energy is off."""
+        energy = self.view.energy
+        st = self.view.north().get("energy")
+        if energy is None and st is None:
+            return
+        n = f"{PREFIX}_energy"
+        if st is not None:
+            c = st.counters
+            closed = CounterMetricFamily(f"{n}_intervals_closed",
+                                         "Intervals of (real) meters closed by the energy recorder")
+            closed.add_metric([], c.get("intervals_closed", 0))
+            errors = CounterMetricFamily(f"{n}_store_write_errors",
+                                         "Failed writes to the energy store (intervals kept in memory, retried)")
+            errors.add_metric([], c.get("write_errors", 0))
+            yield from (closed, errors)
+        if energy is None:
+            return
+        labels = ["meter"]
+        kwh = GaugeMetricFamily(f"{n}_last_interval_kwh",
+                                "Active energy imported in the meter's last closed interval (kWh)", labels=labels)
+        demand = GaugeMetricFamily(f"{n}_last_interval_demand_watts",
+                                   "Block demand of the meter's last closed interval: average active power drawn (W)",
+                                   labels=labels)
+        end = GaugeMetricFamily(f"{n}_last_interval_end_timestamp_seconds",
+                                "End of the meter's last closed interval (UTC epoch seconds)", labels=labels)
+        for name in energy.meter_names():
+            last = energy.last(name)
+            if last is None:
+                continue  # no interval closed yet: no sample rather than a made-up zero
+            end.add_metric([name], last.end)
+            value = last.energy.get("import_active_energy")
+            if value is not None:
+                kwh.add_metric([name], value)
+            if last.demand is not None:
+                demand.add_metric([name], last.demand)
+        alarm = GaugeMetricFamily(f"{n}_balance_alarm",
+                                  "1 while a virtual meter's energy balance is beyond its alarm threshold",
+                                  labels=labels)
+        for name, state_ in sorted(energy.alarm_state().items()):
+            alarm.add_metric([name], 1.0 if state_.get("active") else 0.0)
+        yield from (kwh, demand, end, alarm)
 
     def _parts(self) -> Iterator[Metric]:
         listening = GaugeMetricFamily(f"{PREFIX}_listening", "1 while the north side listens", labels=["side"])

@@ -16,6 +16,7 @@ import random
 import time
 import tty
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bridge.core import codec
@@ -46,10 +47,19 @@ class Faults:
 class SimMeter:
     """One meter: register tables built from a profile, values that move like a real load."""
 
-    def __init__(self, slave: int, profile: Profile, *, animate: bool = True, seed: int | None = None):
+    def __init__(self, slave: int, profile: Profile, *, animate: bool = True, seed: int | None = None,
+                 feeds: Sequence[SimMeter] = (), extra_w: float = 0.0):
+        """``feeds``: the meters downstream of this one (an incomer's sub-meters): its power is theirs plus
+        ``extra_w`` (a known unmetered load), and its energy counters are the sum of theirs plus that load's,
+        so an energy balance of this panel shows exactly ``extra_w``."""
         self.slave = slave
         self.profile = profile
         self.animate = animate
+        self.feeds = tuple(feeds)
+        self.extra_w = extra_w
+        self._extra_kwh = 0.0
+        self.phases = 3 if any(m.name.endswith("_l1") for m in profile.measurements) else 1
+        self.active_w = self.reactive_w = 0.0
         self.faults = Faults()
         self.requests = 0
         self.functions: deque[int] = deque(maxlen=10000)  # function codes of the latest requests, in order
@@ -102,14 +112,27 @@ class SimMeter:
         self._load = min(40.0, max(0.2, self._load + rng.gauss(0, 0.3) * math.sqrt(dt + 1e-9) * 3))
         self._phase += dt * 0.5
         voltage = 230.0 + 3.0 * math.sin(self._phase) + rng.gauss(0, 0.2)
-        pf = 0.93 + 0.04 * math.sin(self._phase / 3)
-        apparent = voltage * self._load
-        active = apparent * pf
-        reactive = math.sqrt(max(apparent**2 - active**2, 0.0))
-        self._energy += active * dt / 3.6e6
+        if self.feeds:  # an incomer: what its sub-meters draw, plus the unmetered load (at pf 1)
+            for f in self.feeds:
+                f.tick()
+            active = sum(f.active_w for f in self.feeds) + self.extra_w
+            reactive = sum(f.reactive_w for f in self.feeds)
+            apparent = math.hypot(active, reactive)
+            pf = active / apparent if apparent else 1.0
+            current = apparent / (self.phases * voltage)
+            self._extra_kwh += self.extra_w * dt / 3.6e6
+            self._energy = sum(f._energy for f in self.feeds) + self._extra_kwh
+        else:
+            pf = 0.93 + 0.04 * math.sin(self._phase / 3)
+            current = self._load
+            apparent = self.phases * voltage * current
+            active = apparent * pf
+            reactive = math.sqrt(max(apparent**2 - active**2, 0.0))
+            self._energy += active * dt / 3.6e6
+        self.active_w, self.reactive_w = active, reactive
         base = {
             "voltage": voltage,
-            "current": self._load,
+            "current": current,
             "active_power": active,
             "apparent_power": apparent,
             "reactive_power": reactive,
@@ -131,7 +154,9 @@ class SimMeter:
                 continue
             stem = m.name.rsplit("_l", 1)[0] if m.name[-3:-1] == "_l" else m.name
             if stem in base:
-                share = 1 / 3 if m.name != stem and ("power" in stem or "energy" in stem) else 1.0
+                # a phase's share of the totals (power and energy), never of a ratio such as the power factor
+                shared = stem.endswith(("_power", "_energy"))
+                share = 1 / self.phases if m.name != stem and shared else 1.0
                 values[m.name] = base[stem] * share
         return self._fit(values)
 

@@ -20,7 +20,7 @@ from asyncua import ua
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 
 A = ua.AttributeIds
-_HAS_COMPONENT = ua.NodeId(ua.ObjectIds.HasComponent)
+_HAS_COMPONENT = HAS_COMPONENT = ua.NodeId(ua.ObjectIds.HasComponent)
 _HAS_PROPERTY = ua.NodeId(ua.ObjectIds.HasProperty)
 _ORGANIZES = ua.NodeId(ua.ObjectIds.Organizes)
 _HAS_TYPE = ua.NodeId(ua.ObjectIds.HasTypeDefinition)
@@ -63,6 +63,10 @@ class NodeBuilder:
         self._read_only = _const(ua.AccessLevel.CurrentRead.mask, ua.VariantType.Byte)
         self._sampling = _const(0.0, ua.VariantType.Double)
         self._not_historizing = _const(False, ua.VariantType.Boolean)
+        # a variable whose past a client may read with HistoryRead (Part 11), served by a history storage
+        self._read_history = _const(ua.AccessLevel.CurrentRead.mask | ua.AccessLevel.HistoryRead.mask,
+                                    ua.VariantType.Byte)
+        self._historizing = _const(True, ua.VariantType.Boolean)
         self._datatypes: dict[int, AttributeValue] = {}
         self._texts: dict[tuple, AttributeValue] = {}
         self._type_refs: dict[ua.NodeId, ua.ReferenceDescription] = {}
@@ -85,8 +89,9 @@ class NodeBuilder:
     def variable(self, parent: ua.NodeId, ident: str, name: str, value: ua.Variant, datatype: int,
                  description: str = "", type_def: ua.NodeId = BASE_DATA_VARIABLE_TYPE,
                  ref: ua.NodeId = _HAS_COMPONENT, status: ua.StatusCode | None = None,
-                 browse_ns: int | None = None) -> NodeData:
-        """A read-only variable; returns its record so the caller can update the Value fast."""
+                 browse_ns: int | None = None, history: bool = False) -> NodeData:
+        """A read-only variable; returns its record so the caller can update the Value fast. ``history``:
+        Historizing, and HistoryRead in its access levels (its history comes from the server's storage)."""
         nid = self.nodeid(ident)
         node = self._node(nid, name, description, self._variable_class, browse_ns)
         at = node.attributes
@@ -96,10 +101,11 @@ class NodeBuilder:
         at[A.DataType] = self._datatype(datatype)
         at[A.ValueRank] = self._scalar
         at[A.ArrayDimensions] = self._no_dims
-        at[A.AccessLevel] = self._read_only
-        at[A.UserAccessLevel] = self._read_only
+        access = self._read_history if history else self._read_only
+        at[A.AccessLevel] = access
+        at[A.UserAccessLevel] = access
         at[A.MinimumSamplingInterval] = self._sampling
-        at[A.Historizing] = self._not_historizing
+        at[A.Historizing] = self._historizing if history else self._not_historizing
         cls = ua.NodeClass.Variable
         self._link(parent, node, name, cls, type_def, ref)
         return node

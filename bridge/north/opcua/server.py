@@ -15,6 +15,10 @@ written again from the image, which the App reconfigures before it commits. A re
 the ``opcua`` settings needs a new asyncua server: started beside the old one when the port
 changes, in its place when it does not, and the old one started again if the new one cannot listen.
 
+With ``energy:`` configured, each meter with energy counters and each virtual meter has an ``Energy``
+object showing its last closed interval (refreshed with the diagnostics, once a second), and its energy
+and demand variables answer HistoryRead from the energy store: see ``bridge.north.opcua.energy``.
+
 Status rule (see docs/opcua.md): never read → BadWaitingForInitialData;
 fresh → Good; stale → UncertainLastUsableValue (last value kept);
 offline → BadCommunicationError; Good again on the next good poll.
@@ -39,6 +43,7 @@ from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health, UnitImage
 from bridge.core.model import Config, Measurement, MeterConfig, OpcUaConfig, SegmentConfig
 from bridge.core.units import CEFACT_NAMESPACE, unit_for
+from bridge.north.opcua.energy import EnergyHistory, EnergyNodes, build_energy, energy_meters
 from bridge.north.opcua.nodes import ANALOG_ITEM_TYPE, NodeBuilder, Watch, reattach
 from bridge.north.opcua.security import configure_security
 from bridge.north.side import Staged, listen_error
@@ -187,6 +192,10 @@ class _Space:
     # by unit, from the configuration this space shows: what the listener and the writer look up
     points: dict[int, list[_Point]] = field(default_factory=dict)
     meter_counters: dict[int, _Counters] = field(default_factory=dict)
+    energy: dict[str, EnergyNodes] = field(default_factory=dict)  # by meter name (real and virtual)
+    # the variables whose history the server's EnergyHistory serves: NodeId -> (meter, quantity or "demand");
+    # updated in place, the storage holds this very dict
+    history: dict[ua.NodeId, tuple[str, str]] = field(default_factory=dict)
     build_seconds: float = 0.0
 
     def index(self, config: Config) -> None:
@@ -197,7 +206,8 @@ class _Space:
     def forget(self) -> None:
         """Drop every record of the address space (the server is closed)."""
         self.bridge = None
-        self.meters, self.segments, self.points, self.meter_counters = {}, {}, {}, {}
+        self.meters, self.segments, self.points, self.meter_counters, self.energy = {}, {}, {}, {}, {}
+        self.history.clear()
 
 
 class _NoTracebacks(logging.Filter):
@@ -390,6 +400,9 @@ class OpcUaServer:
                                     "modbus-bridge", __version__, __version__, datetime.now(timezone.utc))
         await configure_security(server, cfg)
         space = _Space(server, cfg, await server.register_namespace(cfg.namespace))
+        # HistoryRead of the energy variables from the energy store; other nodes as asyncua had it
+        history = server.iserver.history_manager
+        history.set_storage(EnergyHistory(self.view, space.history, self._retention_days, history.storage))
         self._build(space, config)
         space.build_seconds = time.perf_counter() - t0
         return space
@@ -480,7 +493,8 @@ class OpcUaServer:
         self._add(space, b, config)
 
     def _add(self, space: _Space, b: NodeBuilder, config: Config) -> None:
-        """Build the segments and meters of ``config`` that have no nodes yet; index by unit."""
+        """Build the segments and meters of ``config`` that have no nodes yet, and the energy objects (of
+        meters with energy counters, and virtual meters: see ``energy``); index by unit."""
         for seg in config.segments:
             if seg.name not in space.segments:
                 self._add_segment(space, b, seg)
@@ -488,6 +502,17 @@ class OpcUaServer:
                 if meter.name not in space.meters:
                     self._add_meter(space, b, meter, seg)
         space.index(config)
+        for name, (quantities, virtual) in energy_meters(config).items():
+            if name not in space.energy:
+                space.energy[name] = build_energy(b, space.meters_folder, name, quantities, virtual)
+        space.history.clear()
+        space.history.update({nid: (nodes.meter, key) for nodes in space.energy.values()
+                              for nid, key in nodes.history.items()})
+
+    def _retention_days(self) -> int:
+        """How far back the energy store may hold intervals (for HistoryRead)."""
+        energy = self.config.energy
+        return energy.retention_days if energy is not None else 0
 
     def _add_segment(self, space: _Space, b: NodeBuilder, seg: SegmentConfig) -> None:
         ident = f"Segments/{seg.name}"
@@ -546,6 +571,15 @@ class OpcUaServer:
             if meters.get(name) != meter.key:
                 gone.append(meter.nodeid)
                 del space.meters[name]
+        # energy objects: those of removed meters go with them; the others when what they show changed
+        # (the meter's energy quantities, a virtual meter's formula or alarm, energy switched off)
+        energy = energy_meters(config)
+        for name, nodes in list(space.energy.items()):
+            if nodes.virtual is None and name not in space.meters:
+                del space.energy[name]  # removed with its meter's subtree
+            elif nodes.key != energy.get(name):
+                gone.append(nodes.root)
+                del space.energy[name]
         aspace = space.server.iserver.aspace
         b = NodeBuilder(aspace, space.ns)
         watches = b.remove(*gone)
@@ -704,6 +738,17 @@ class OpcUaServer:
                     "LastError": meter.last_error,  # the image clears it on the next good poll
                 }, now)
             await asyncio.sleep(0)
+        await self._energy(space, now)
+
+    async def _energy(self, space: _Space, now: datetime) -> None:
+        """Show each meter's last closed interval and the balance alarms, where they changed (a look at
+        the recorder's memory once a second: cheap)."""
+        energy = self.view.energy
+        if energy is None or not space.energy:
+            return
+        alarms = energy.alarm_state()
+        for name, nodes in list(space.energy.items()):
+            await nodes.show(energy.last(name), alarms.get(name), now)
 
     async def _set(self, counters: _Counters | None, values: dict[str, object], now: datetime) -> None:
         if counters is None:
