@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from bridge.core import sparkplug_b_pb2 as pb
@@ -128,12 +129,27 @@ def _add_property(metric: pb.Payload.Metric, key: str, datatype: int, value: obj
     _set_value(prop, datatype, value)
 
 
+ENERGY_PREFIX = "Energy/"  # a meter's last closed energy interval: Energy/<quantity> (kWh), Demand (W), Status
+ENERGY_UNITS = {"active": "kWh", "reactive": "kvarh"}
+
+
+@dataclass(frozen=True)
+class IntervalSample:
+    """A meter's closed energy interval, as Sparkplug publishes it (timestamped with the interval's end)."""
+    end_ms: int
+    status: str
+    energy: Mapping[str, float]  # quantity -> kWh/kvarh
+    demand: float | None  # W
+
+
 class _Device:
     """One meter as a Sparkplug device: its metrics and what was last reported of them."""
 
-    def __init__(self, meter: MeterLike) -> None:
+    def __init__(self, meter: MeterLike, energy: Sequence[str] = ()) -> None:
         self.name = meter.name
         self.measurements: tuple[Measurement, ...] = tuple(meter.profile.measurements)
+        self.energy = tuple(energy)  # the energy quantities of its intervals (none: no Energy/ metrics)
+        self.interval: IntervalSample | None = None  # the last closed interval known
         self.latest = MeterSample(meter.name, "unread", None, tuple((m, None) for m in self.measurements))
         self.alive = False  # DBIRTH published in this session and no DDEATH since
         self.reported: dict[str, tuple[object, int]] = {}  # live RBE: measurement -> (value, quality)
@@ -151,7 +167,10 @@ def _quality(sample: MeterSample) -> int:
 class EdgeNode:
     """The Sparkplug B session of the bridge as an edge node. See the module's docstring."""
 
-    def __init__(self, cfg: SparkplugConfig, meters: Sequence[MeterLike]) -> None:
+    def __init__(self, cfg: SparkplugConfig, meters: Sequence[MeterLike],
+                 energy: Mapping[str, Sequence[str]] | None = None) -> None:
+        """``energy``: meter -> the quantities of its energy intervals (interval energy on), which
+        become ``Energy/...`` metrics of its device."""
         _check_id("group_id", cfg.group_id)
         _check_id("edge_node_id", cfg.edge_node_id)
         self.cfg = cfg
@@ -160,7 +179,7 @@ class EdgeNode:
             _check_id("device_id (meter name)", meter.name)
             if meter.name in self._devices:
                 raise ValueError(f"Sparkplug device_id {meter.name!r} given twice")
-            self._devices[meter.name] = _Device(meter)
+            self._devices[meter.name] = _Device(meter, (energy or {}).get(meter.name, ()))
         self._deadband = dict(cfg.deadband)
         # Aliases: unique over the edge node's node and device metrics, kept for the node's life (so
         # across rebirths); 'Node Control/Rebirth' never gets one. Device metrics first, in order.
@@ -168,6 +187,8 @@ class EdgeNode:
         for device in self._devices.values():
             for m in device.measurements:
                 self._aliases[(device.name, m.name)] = len(self._aliases) + 1
+            for name, _, _ in _energy_metrics(device.energy):
+                self._aliases[(device.name, name)] = len(self._aliases) + 1
         self._online = False
         self._bd_seq = 0
         self._seq = 0  # the next message's seq
@@ -307,6 +328,28 @@ class EdgeNode:
         self._deferred_deaths.clear()
         return out
 
+    def interval(self, device_name: str, sample: IntervalSample, now_ms: int, *, historical: bool = False) -> list[Publish]:
+        """A meter's closed energy interval: DDATA with its ``Energy/...`` metrics, each timestamped with
+        the interval's end (``is_historical`` for one that is not the newest). Kept for the next DBIRTH
+        in any case; [] while not online, for a device not born, or a meter without intervals."""
+        device = self._devices.get(device_name)
+        if device is None or not device.energy:
+            return []
+        if device.interval is None or sample.end_ms >= device.interval.end_ms:
+            device.interval = sample
+        if not self._online or not device.alive:
+            return []
+        payload = self._payload(now_ms)
+        for name, datatype, _ in _energy_metrics(device.energy):
+            metric = payload.metrics.add()
+            self._identify(metric, device.name, name, birth=False)
+            metric.datatype = datatype
+            metric.timestamp = sample.end_ms
+            if historical:
+                metric.is_historical = True
+            _set_value(metric, datatype, _interval_value(sample, name))
+        return [self._publish(self.device_topic("DDATA", device.name), payload)]
+
     def node_data(self, now_ms: int, node_metrics: NodeMetrics) -> list[Publish]:
         """The bridge's own figures (all of them, name -> (value, datatype)): NDATA with those that
         changed; a new birth sequence if the set of names or a datatype differs from the NBIRTH's
@@ -442,6 +485,13 @@ class EdgeNode:
                 _add_property(metric, ENG_UNIT, pb.String, m.unit)
             if quality != QUALITY_GOOD:
                 _add_property(metric, QUALITY, pb.Int32, quality)
+        last = device.interval
+        for name, datatype, unit in _energy_metrics(device.energy):
+            value = None if last is None else _interval_value(last, name)
+            metric = self._add_birth_metric(payload, device.name, name, datatype, value,
+                                            now_ms if last is None else last.end_ms)
+            if unit:
+                _add_property(metric, ENG_UNIT, pb.String, unit)
         device.reported = {name: (value, quality) for name, value in values.items()}
         device.alive = True
         return self._publish(self.device_topic("DBIRTH", device.name), payload)
@@ -506,6 +556,24 @@ class EdgeNode:
     def _publish(topic: str, payload: pb.Payload) -> Publish:
         # QoS 0, not retained: the specification's rule for NBIRTH, DBIRTH, NDATA, DDATA, DDEATH.
         return Publish(topic, payload.SerializeToString(), qos=0, retain=False)
+
+
+def _energy_metrics(quantities: Sequence[str]) -> list[tuple[str, int, str]]:
+    """(name, datatype, unit) of a device's energy interval metrics."""
+    if not quantities:
+        return []
+    out = [(ENERGY_PREFIX + q, pb.Double, ENERGY_UNITS["reactive" if "reactive" in q else "active"])
+           for q in quantities]
+    return out + [(ENERGY_PREFIX + "Demand", pb.Double, "W"), (ENERGY_PREFIX + "Status", pb.String, "")]
+
+
+def _interval_value(sample: IntervalSample, name: str) -> object:
+    key = name[len(ENERGY_PREFIX):]
+    if key == "Demand":
+        return sample.demand
+    if key == "Status":
+        return sample.status
+    return sample.energy.get(key)
 
 
 def _check_bd_seq(bd_seq: int) -> None:

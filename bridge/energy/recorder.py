@@ -55,6 +55,11 @@ def counters_of(meter: MeterConfig) -> dict[str, Counter]:
     return out
 
 
+def quantities_of(meter: MeterConfig) -> list[str]:
+    """The energy quantities of a meter's intervals, in the standard order."""
+    return [q for q in QUANTITIES if q in counters_of(meter)]
+
+
 def energy_meters(config: Config) -> list[str]:
     """The meters that have intervals: those with energy counters, then the virtual meters made of them."""
     real = [m.name for m in config.meters if counters_of(m)]
@@ -84,7 +89,7 @@ class EnergyRecorder:
         self._dirty: set[int] = set()
         self._wake = asyncio.Event()
         self._closed: list[Interval] = []
-        self._last_wall: dict[str, float] = {}  # meter -> wall time of the last reading taken
+        self._last_mono: dict[str, float] = {}  # meter -> monotonic time of the last poll taken
         self._last: dict[str, Interval] = {}  # meter -> its last closed interval
         self._pending_virtual: dict[int, dict[str, Interval]] = {}  # slot start -> term meter -> interval
         self._virtual_done: dict[int, set[str]] = {}  # slot start -> virtual meters closed for it
@@ -109,8 +114,12 @@ class EnergyRecorder:
                 self._counters[meter.name] = counters
                 kept = states.get(meter.name)  # valid only for the same interval length and counters
                 same = isinstance(kept, dict) and kept.get("key") == self._key(counters)
-                self.meters[meter.name] = MeterIntervals(meter.name, self.interval_s, counters, max_gap=gap,
-                                                         state=kept["open"] if same else None)
+                try:
+                    self.meters[meter.name] = MeterIntervals(meter.name, self.interval_s, counters, max_gap=gap,
+                                                             state=kept["open"] if same else None)
+                except ValueError:  # a state of another version: this meter starts afresh (one interval lost)
+                    log.warning("energy: the stored open interval of %s is unusable; starting afresh", meter.name)
+                    self.meters[meter.name] = MeterIntervals(meter.name, self.interval_s, counters, max_gap=gap)
                 self.units[meter.unit] = meter
         self.virtual = {v.name: v for v in self.cfg.virtual if all(t in self.meters for _, t in v.terms)}
         self.alarms = {v.name: _alarm(v.alarm, states.get(ALARM_PREFIX + v.name))
@@ -195,9 +204,9 @@ class EnergyRecorder:
             mv, meter = by_unit.get(unit), self.units.get(unit)
             if mv is None or meter is None or mv.last_good_wall is None or mv.last_good is None:
                 continue
-            if self._last_wall.get(meter.name, 0.0) >= mv.last_good_wall:
-                continue  # no new good poll
-            self._last_wall[meter.name] = mv.last_good_wall
+            if self._last_mono.get(meter.name) == mv.last_good:
+                continue  # no new good poll (told by the monotonic clock: the wall clock may step back)
+            self._last_mono[meter.name] = mv.last_good
             values = {m.name: float(v) for m, v in mv.readings() if m.name in QUANTITIES and v is not None}
             for interval in self.meters[meter.name].add(Reading(mv.last_good_wall, mv.last_good, values)):
                 self._close(interval)

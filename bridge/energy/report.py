@@ -226,3 +226,29 @@ def meter_report(meter: str, intervals: Sequence[Interval], plan: TariffPlan | N
 def _rounded(sums: Mapping[str, list[float]]) -> dict[str, float]:
     # + 0.0 turns the -0.0 that rounding a tiny negative balance gives into 0.0
     return {q: round(math.fsum(sums[q]), _KWH_DIGITS) + 0.0 for q in _ordered(set(sums))}
+
+
+def interval_record(i: Interval) -> dict:
+    """One interval as the API gives it: its energies by name (kWh/kvarh), demand (W), the boundary
+    counter values and the readings they were interpolated from (for an auditor)."""
+    out: dict = {"meter": i.meter, "start": iso(i.start), "end": iso(i.end), "status": i.status}
+    for q in QUANTITIES:
+        if q in i.energy:
+            out[q] = round(i.energy[q], 6)
+    demand = i.demand
+    out["demand"] = None if demand is None else round(demand, 3)
+    if i.clock_step:
+        out["clock_step"] = True
+    if i.start_values or i.end_values:
+        out["boundaries"] = {q: {"start": i.start_values.get(q), "end": i.end_values.get(q)} for q in i.energy}
+    if i.evidence:
+        out["evidence"] = {q: {"start": _ev(a), "end": _ev(b)} for q, (a, b) in i.evidence.items()}
+    return out
+
+
+def _ev(e) -> dict:
+    return {"before": _point(e.before), "after": _point(e.after)}
+
+
+def _point(p) -> dict | None:
+    return None if p is None else {"time": round(p[0], 3), "value": p[1]}

@@ -15,7 +15,7 @@ import zoneinfo
 from collections.abc import Mapping, Sequence
 from urllib.parse import parse_qs
 
-from bridge.energy.report import iso
+from bridge.energy.report import interval_record, iso
 from bridge.energy.tariffs import billing_period
 from bridge.energy.types import QUANTITIES, Interval
 from bridge.view import EnergySource
@@ -58,32 +58,6 @@ def time_range(params: Mapping[str, str], tz: str, default: tuple[int, int]) -> 
     if end - start > MAX_RANGE:
         raise BadQuery(f"at most {MAX_RANGE // 86400} days at once")
     return start, end
-
-
-def interval_record(i: Interval) -> dict:
-    """One interval as the API gives it: its energies by name (kWh/kvarh), demand (W), the boundary
-    counter values and the readings they were interpolated from (for an auditor)."""
-    out: dict = {"meter": i.meter, "start": iso(i.start), "end": iso(i.end), "status": i.status}
-    for q in QUANTITIES:
-        if q in i.energy:
-            out[q] = round(i.energy[q], 6)
-    demand = i.demand
-    out["demand"] = None if demand is None else round(demand, 3)
-    if i.clock_step:
-        out["clock_step"] = True
-    if i.start_values or i.end_values:
-        out["boundaries"] = {q: {"start": i.start_values.get(q), "end": i.end_values.get(q)} for q in i.energy}
-    if i.evidence:
-        out["evidence"] = {q: {"start": _ev(a), "end": _ev(b)} for q, (a, b) in i.evidence.items()}
-    return out
-
-
-def _ev(e) -> dict:
-    return {"before": _point(e.before), "after": _point(e.after)}
-
-
-def _point(p) -> dict | None:
-    return None if p is None else {"time": round(p[0], 3), "value": p[1]}
 
 
 def intervals_csv(intervals: Sequence[Interval]) -> bytes:

@@ -36,7 +36,10 @@ from bridge.core.model import Config, MqttConfig
 from bridge.core.mqtt_json import JsonTopics
 from bridge.core.mqtt_types import MeterSample, Publish
 from bridge.core import sparkplug_b_pb2 as pb
-from bridge.core.sparkplug import EdgeNode
+from bridge.core.sparkplug import EdgeNode, IntervalSample
+from bridge.energy.recorder import quantities_of
+from bridge.energy.report import interval_record
+from bridge.energy.types import MISSING
 from bridge.north.mqtt.queue import DiskQueue
 from bridge.north.side import Staged
 from bridge.view import BridgeView, NorthStatus
@@ -54,7 +57,8 @@ YIELD_EVERY = 16  # meters sampled, or live items sent, between two yields to th
 RESEND_WINDOW = 5.0  # seconds of Sparkplug samples kept back (QoS 0) to resend as history after a loss
 QUEUE_FILE = "mqtt-queue.sqlite3"
 HISTORY = "/history"  # JSON: the backlog of a meter's topic, replayed after an outage
-NODE_FIGURES = object()  # a Sparkplug live item: NDATA with the bridge's own figures
+NODE_FIGURES = object()
+INTERVAL = object()  # a Sparkplug live item: (INTERVAL, energy interval, historical)  # a Sparkplug live item: NDATA with the bridge's own figures
 BDSEQ_FILE = "sparkplug-bdseq"
 
 
@@ -109,6 +113,7 @@ class Link:
         self.spilling = False  # messages go to disk (not connected, or the disk still has some)
         self.was_up = False  # the current attempt reached CONNACK
         self.end_session = ""  # why the session must end now (the Sparkplug primary host went offline)
+        self.energy_sent: dict[str, int] = {}  # meter -> end of the last energy interval handed to this link
 
     # flavour-specific, overridden
     live_during_replay = False  # whether live messages may go out before the backlog has (each flavour: yes)
@@ -121,6 +126,8 @@ class Link:
     def replay_forms(self, stored: Publish) -> list[Publish]: return [stored]
     def replay_done(self) -> list[Publish]: return []
     def render(self, item) -> Sequence[Publish]: return (item,)  # a live item, as it leaves
+    def takes_intervals(self) -> bool: return True
+    def take_interval(self, interval, historical: bool) -> None: pass
     def uses_bdseq(self) -> bool: return False
 
     def offer(self, messages: Sequence[Publish]) -> None:
@@ -418,6 +425,13 @@ class SparkplugLink(Link):
         else:
             self.keep([sample])
 
+    def takes_intervals(self) -> bool:
+        return self.connected and self.node.is_online  # else: from the store, once a session is up
+
+    def take_interval(self, interval, historical: bool) -> None:
+        self.live.append(((INTERVAL, interval, historical), time.time()))
+        self.wake.set()
+
     def node_figures_due(self) -> None:
         """Time for NDATA with the bridge's own figures (taken as it leaves)."""
         if self.connected and self.node.is_online:
@@ -429,6 +443,10 @@ class SparkplugLink(Link):
         the wire, and the replayed history, the births of a rebirth and live data interleave there."""
         if item is NODE_FIGURES:
             return self.node.node_data(_now_ms(), self.side.node_metrics())
+        if isinstance(item, tuple) and item[0] is INTERVAL:
+            _, i, historical = item
+            return self.node.interval(i.meter, IntervalSample(i.end * 1000, i.status, i.energy, i.demand),
+                                      _now_ms(), historical=historical)
         return self.node.sample(item, _now_ms())
 
     def keep(self, samples: Sequence[MeterSample]) -> None:
@@ -512,6 +530,10 @@ class JsonLink(Link):
     def replay_forms(self, stored: Publish) -> list[Publish]:
         return [Publish(stored.topic + HISTORY, stored.payload, stored.qos, False)]
 
+    def take_interval(self, interval, historical: bool) -> None:
+        body = json.dumps(interval_record(interval), separators=(",", ":"), allow_nan=False).encode()
+        self.offer([Publish(f"{self.topics.cfg.topic}/{interval.meter}/energy", body, 1, True)])
+
     def on_message(self, topic: str, payload: bytes) -> list[Publish]:
         if topic == self.topics.ha_status_topic and self.topics.homeassistant_status(payload):
             log.info("Home Assistant is online: discovery published again")
@@ -547,8 +569,9 @@ class MqttSide:
         self.config, self.cfg = config, cfg
         meters = config.meters
         self.links = []
+        energy = {m.name: quantities_of(m) for m in meters} if config.energy is not None else {}
         if cfg.sparkplug is not None:
-            self.links.append(SparkplugLink(self, EdgeNode(cfg.sparkplug, meters), cfg.client_id))
+            self.links.append(SparkplugLink(self, EdgeNode(cfg.sparkplug, meters, energy), cfg.client_id))
         if cfg.json is not None:
             suffix = "-json" if cfg.sparkplug is not None else ""
             topics = JsonTopics(cfg.json, meters, cfg.client_id, sw_version=__version__)
@@ -713,6 +736,28 @@ class MqttSide:
                         link.offer(link.topics.due(now))
                     elif isinstance(link, SparkplugLink):
                         link.node_figures_due()
+                await self._energy_intervals()
+
+    async def _energy_intervals(self) -> None:
+        """Closed energy intervals out (interval energy on): JSON on ``<topic>/<meter>/energy`` (retained;
+        kept on disk like every JSON message while the broker is away), Sparkplug as the device's
+        ``Energy/...`` metrics timestamped with the interval's end. A link that could not take them (not
+        connected, no session) gets them from the energy store once it can: nothing is skipped."""
+        energy = self.view.energy
+        if energy is None:
+            return
+        for name in energy.meter_names():
+            last = energy.last(name)
+            if last is None:
+                continue
+            for link in self.links:
+                sent = link.energy_sent.setdefault(name, last.start)  # from the first interval seen on
+                if last.end <= sent or not link.takes_intervals():
+                    continue
+                closed = [i for i in await energy.intervals(name, sent, last.end) if i.status != MISSING]
+                for n, interval in enumerate(closed):
+                    link.take_interval(interval, historical=n < len(closed) - 1)
+                link.energy_sent[name] = last.end
 
     @staticmethod
     def _feed(link: Link, sample: MeterSample, now: float) -> None:

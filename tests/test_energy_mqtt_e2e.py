@@ -1,0 +1,107 @@
+"""Closed energy intervals on MQTT, through a real mosquitto and the independent subscriber (mqtt.js and
+the Eclipse Tahu decoder): JSON on ``<topic>/<meter>/energy``, Sparkplug as each device's ``Energy/...``
+metrics timestamped with the interval's end; a broker outage loses none of them."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from broker import Mosquitto, Subscriber
+from support import until
+from test_energy_e2e import ENERGY, LAYOUT, RATES, SECONDS, Counters
+
+from bridge.core.model import MqttConfig, MqttJsonConfig, SparkplugConfig
+from bridge.energy.report import iso
+from bridge.testing import running_bridge
+
+TOPIC = "site/panel-7"
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Mosquitto(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+def config(broker: Mosquitto) -> MqttConfig:
+    return MqttConfig(brokers=(broker.url,), client_id="panel-7", sparkplug=SparkplugConfig("site", "panel-7"),
+                      json=MqttJsonConfig(TOPIC))
+
+
+def json_intervals(messages: list[dict], meter: str) -> dict[str, dict]:
+    """end -> interval, from the live topic and the history topic alike."""
+    out = {}
+    for m in messages:
+        if m["topic"] in (f"{TOPIC}/{meter}/energy", f"{TOPIC}/{meter}/energy/history") and m["payload"]:
+            body = json.loads(m["payload"])
+            out[body["end"]] = body
+    return out
+
+
+def sparkplug_intervals(messages: list[dict], meter: str) -> dict[int, dict]:
+    """interval end (ms) -> {metric name: metric}, from DBIRTH (names) and DDATA (aliases)."""
+    names: dict[int, str] = {}
+    out: dict[int, dict] = {}
+    for m in messages:
+        parts = m["topic"].split("/")
+        if len(parts) < 5 or parts[4] != meter or parts[2] not in ("DBIRTH", "DDATA"):
+            continue
+        for x in m["payload"]["metrics"]:
+            if "name" in x and "alias" in x:
+                names[x["alias"]] = x["name"]
+            name = x.get("name") or names.get(x.get("alias"))
+            if name and name.startswith("Energy/") and parts[2] == "DDATA":
+                out.setdefault(x["timestamp"], {})[name] = x
+    return out
+
+
+async def test_closed_intervals_go_out_as_json_and_sparkplug_and_survive_a_broker_outage(broker, tmp_path):
+    async with Subscriber(broker.url, f"{TOPIC}/#", "spBv1.0/site/#", persistent_id="energy-audit") as sub, \
+            running_bridge(LAYOUT, mqtt=config(broker), energy=ENERGY, state_dir=str(tmp_path)) as h:
+        task = asyncio.create_task(Counters(h.sims, RATES).run())
+        try:
+            recorder = h.app.north["energy"]
+            await sub.wait_for(lambda ms: len(json_intervals(ms, "incomer")) >= 2
+                               and len(sparkplug_intervals(ms, "incomer")) >= 2, timeout=15, what="intervals")
+            # JSON: the API's interval record; Sparkplug: every quantity, demand and status at the end's time
+            j = json_intervals(sub.messages, "incomer")
+            body = j[max(j)]
+            assert body["meter"] == "incomer" and body["status"] in ("complete", "estimated")
+            assert body["import_active_energy"] == pytest.approx(36.0 * SECONDS / 3600, rel=0.1)
+            retained = [m for m in sub.messages if m["topic"] == f"{TOPIC}/incomer/energy"]
+            assert retained  # published with retain (a late subscriber gets the last interval)
+            sp = sparkplug_intervals(sub.messages, "incomer")
+            end_ms = max(sp)
+            metrics = sp[end_ms]
+            assert {"Energy/import_active_energy", "Energy/Demand", "Energy/Status"} <= set(metrics)
+            assert metrics["Energy/Demand"]["value"] == pytest.approx(36000.0, rel=0.1)
+            assert end_ms % (SECONDS * 1000) == 0  # timestamped with the interval's end, a boundary
+            # the virtual meter has a JSON topic too
+            assert json_intervals(sub.messages, "unmetered")
+
+            # an outage: every interval closed meanwhile arrives once the broker is back
+            broker.kill()
+            link = h.app.north["mqtt"].links[0]
+            await until(lambda: not link.connected, what="the bridge notices")
+            killed = recorder.last("incomer").end
+            await asyncio.sleep(3 * SECONDS)
+            broker.start()
+            back = recorder.last("incomer").end
+            assert back > killed
+            await sub.wait_for(lambda ms: len([t for t in sparkplug_intervals(ms, "incomer")
+                                               if killed * 1000 < t <= back * 1000]) >= (back - killed) // SECONDS,
+                               timeout=20, what="the outage's Sparkplug intervals")
+            await asyncio.sleep(1.0)  # and the JSON backlog
+            stored = [i for i in await recorder.intervals("incomer", killed, back) if i.status != "missing"]
+            got_json = {json.loads(m["payload"])["end"] for m in sub.messages
+                        if m["topic"].startswith(f"{TOPIC}/incomer/energy") and m["payload"]}
+            assert {iso(i.end) for i in stored} <= got_json, "a JSON interval lost in the outage"
+            got_sp = set(sparkplug_intervals(sub.messages, "incomer"))
+            assert {i.end * 1000 for i in stored} <= got_sp, "a Sparkplug interval lost in the outage"
+            historical = [x for t, ms in sparkplug_intervals(sub.messages, "incomer").items()
+                          if killed * 1000 < t < back * 1000 for x in ms.values() if x.get("isHistorical")]
+            assert historical, "the outage's intervals were not flagged historical"
+        finally:
+            task.cancel()
