@@ -239,7 +239,10 @@ async def test_malformed_frame_closes_only_that_connection(garbage):
 
 async def test_reply_not_matching_its_request_is_never_stored():
     layout = {"s": [MeterSpec("m", 1, 11, poll_interval=0.05)]}
-    async with running_bridge(layout, timeout=0.08, retries=0) as h:
+    # 2400 baud: after a timeout the line is held for the longest reply (~60 ms here), so a reply 20 ms
+    # late lands well inside the hold and must be dropped as late (at 9600 baud the hold is ~13 ms and a
+    # reply that late may come after the next request: indistinguishable from its answer)
+    async with running_bridge(layout, timeout=0.08, retries=0, baudrate=2400) as h:
         sim = h.sims["m"]
         sim.set_value("voltage", 230.0)
         await h.polls("m", 1)
