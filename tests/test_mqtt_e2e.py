@@ -11,6 +11,7 @@ from broker import Mosquitto, Subscriber
 from support import until
 
 from bridge.config.profiles import get_builtin
+from bridge.north.mqtt import side as side_module
 from bridge.core.model import MqttConfig, MqttJsonConfig, SparkplugConfig
 from bridge.south.simulator import SimMeter, SimulatedBus
 from bridge.testing import MeterSpec, running_bridge
@@ -249,6 +250,7 @@ async def test_mutual_tls_with_a_client_certificate(tmp_path):
     broker = Mosquitto(tmp_path / "broker", extra=(
         f"listener {tls_port} 127.0.0.1\ncafile {certs['ca.pem']}\ncertfile {certs['broker.pem']}\n"
         f"keyfile {certs['broker.key']}\nrequire_certificate true\n")).start()
+    connect_timeout = side_module.CONNECT_TIMEOUT
     try:
         url = f"mqtts://127.0.0.1:{tls_port}"
         good = MqttConfig(brokers=(url,), client_id="panel-7", json=MqttJsonConfig(TOPIC),
@@ -259,9 +261,11 @@ async def test_mutual_tls_with_a_client_certificate(tmp_path):
                                what="states over TLS")
         no_cert = MqttConfig(brokers=(url,), client_id="panel-8", json=MqttJsonConfig(TOPIC),
                              tls=MqttTls(ca=certs["ca.pem"]))
+        side_module.CONNECT_TIMEOUT = 2.0  # TLS 1.3 refuses after the handshake: the client waits for a CONNACK
         async with running_bridge(LAYOUT, mqtt=no_cert, state_dir=str(tmp_path / "s2")) as h:
             link = h.app.north["mqtt"].links[0]
             await until(lambda: link.last_error, timeout=25, what="a refusal (TLS 1.3: after the CONNACK wait)")
             assert not link.connected and url in link.last_error
     finally:
+        side_module.CONNECT_TIMEOUT = connect_timeout
         broker.stop()

@@ -34,7 +34,7 @@ from bridge.testing import Harness, running_bridge
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 NAMESPACE = "urn:modbus-bridge"  # running_bridge's default
-SECONDS = 2  # interval length: several boundaries within the module's time, each well apart from the next
+SECONDS = 1  # interval length: several boundaries within the module's time, each well apart from the next
 ENERGY = EnergyConfig(seconds=SECONDS, max_gap=1.0, virtual=(UNMETERED,))  # balance alarm: 10 % of incomer, 2 intervals
 NODE_CLIENT = Path(__file__).parent / "opcua_node_client"
 QUANTITY = "import_active_energy"

@@ -697,7 +697,7 @@ async def test_primary_host_gates_the_session_and_history_fills_its_absence(brok
         assert len(wanted) >= 5
         missing = sorted(set(wanted) - got)
         assert not missing, f"{name}: {len(missing)} of {len(wanted)} polls of the absence missing: {missing[:5]}"
-        assert max(got) < nbirth["payload"]["timestamp"]
+        assert max(got) <= nbirth["payload"]["timestamp"]  # polls up to the births (the same ms may hold both)
     check_seq(sub.messages)
 
     problems = []

@@ -235,27 +235,32 @@ class Link:
         slots = asyncio.Semaphore(IN_FLIGHT)
         failed: asyncio.Future = asyncio.get_running_loop().create_future()
         keys = itertools.count()
+        # Messages go straight into paho's buffer (no task, no event per message: at hundreds a second
+        # that is most of the side's CPU); PUBACKs come back through paho's on_publish, by message id.
+        paho = client._client
+        awaiting: dict[int, tuple[int, int | None]] = {}  # paho mid -> (in-flight key, disk record)
+        theirs = paho.on_publish  # aiomqtt's: for publishes made through it (none here), kept working
 
-        async def publish(key: int, message: Publish, record_id: int | None) -> None:
-            try:
-                await client.publish(message.topic, message.payload, message.qos, message.retain, timeout=60)
-            except aiomqtt.MqttError as exc:
-                if not failed.done():
-                    failed.set_exception(exc)
-                return  # stays in flight: back to disk when the session ends
-            finally:
-                slots.release()
+        def on_publish(c, userdata, mid, *args) -> None:
+            entry = awaiting.pop(mid, None)
+            if entry is None:
+                theirs(c, userdata, mid, *args)
+                return
+            key, record_id = entry
+            slots.release()
             self.inflight.pop(key, None)
             self.sent += 1
             if record_id is not None:
                 self.replayed += 1
                 self.side.acked(record_id)
 
+        paho.on_publish = on_publish
+
         async def put(message: Publish, created: float, record_id: int | None = None, keep: bool = True) -> None:
             if failed.done():
                 failed.result()
-            if message.qos == 0 and record_id is None:  # nothing to await: straight into paho's buffer
-                info = client._client.publish(message.topic, message.payload, 0, message.retain)
+            if message.qos == 0 and record_id is None:  # nothing to await
+                info = paho.publish(message.topic, message.payload, 0, message.retain)
                 if info.rc != 0:
                     raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
                 self.sent += 1
@@ -263,7 +268,13 @@ class Link:
             await slots.acquire()
             key = next(keys)
             self.inflight[key] = (message, created, record_id, keep)
-            tg.create_task(publish(key, message, record_id))
+            info = paho.publish(message.topic, message.payload, message.qos, message.retain)
+            if info.rc != 0:  # the connection is gone: what is in flight goes back to disk at the session's end
+                slots.release()
+                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+            awaiting[info.mid] = (key, record_id)
+            if message.qos == 0 or info.is_published():  # QoS 0 (stored Sparkplug samples): done once written
+                on_publish(paho, None, info.mid)
 
         async def drain() -> None:  # until every message out is acknowledged
             for _ in range(IN_FLIGHT):
