@@ -273,8 +273,11 @@ class Link:
                 slots.release()
                 raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
             awaiting[info.mid] = (key, record_id)
-            if message.qos == 0 or info.is_published():  # QoS 0 (stored Sparkplug samples): done once written
+            if info.is_published():  # already written (QoS 0) or acknowledged
                 on_publish(paho, None, info.mid)
+            # else paho calls on_publish: on the PUBACK (QoS 1), or once written to the socket (QoS 0: a
+            # stored Sparkplug sample). Either way a slot is held until then, so a replay never piles
+            # more than IN_FLIGHT messages into paho's buffer ahead of live data.
 
         async def drain() -> None:  # until every message out is acknowledged
             for _ in range(IN_FLIGHT):
