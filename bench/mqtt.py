@@ -660,7 +660,7 @@ class Stack:
         if self.mqtt:
             from broker import Mosquitto  # tests/broker.py
 
-            self.broker = Mosquitto(self.dir / "broker").start()
+            self.broker = Mosquitto(self.dir / "broker", save_every_change=False).start()  # saves once a second
             url = self.broker.url
             self.sp_sub = NodeSubscriber(url, f"spBv1.0/{GROUP}/#", f"bench-sparkplug-{self.name}")
             if self.mqtt == "both":
