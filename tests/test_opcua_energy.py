@@ -34,6 +34,7 @@ from bridge.testing import Harness, running_bridge
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 NAMESPACE = "urn:modbus-bridge"  # running_bridge's default
+WINDOW = 5  # seconds of history the history tests read
 SECONDS = 1  # interval length: several boundaries within the module's time, each well apart from the next
 ENERGY = EnergyConfig(seconds=SECONDS, max_gap=1.0, virtual=(UNMETERED,))  # balance alarm: 10 % of incomer, 2 intervals
 NODE_CLIENT = Path(__file__).parent / "opcua_node_client"
@@ -195,19 +196,19 @@ async def _value_is(node, expected) -> bool:
 
 # ------------------------------------------------------------------------------- history
 async def history_window(plant: Harness) -> tuple[Interval, list[Interval]]:
-    """The last closed interval of the incomer, once 10 s of intervals lie between it and the first
-    interval (which began at rest), and the recorder's closed intervals ending in the 10 s up to it."""
+    """The last closed interval of the incomer, once WINDOW seconds of intervals lie between it and the first
+    interval (which began at rest), and the recorder's closed intervals ending in the WINDOW seconds up to it."""
     rec = recorder(plant)
-    last = await closed_since_start(plant, "incomer", 10 + 3 * SECONDS)
-    stored = await rec.intervals("incomer", last.end - 12, last.end)
-    expected = [i for i in stored if i.status != "missing" and last.end - 10 <= i.end <= last.end]
-    assert [i.end for i in expected] == list(range(last.end - 10, last.end + 1, SECONDS))
+    last = await closed_since_start(plant, "incomer", WINDOW + 3 * SECONDS)
+    stored = await rec.intervals("incomer", last.end - WINDOW - 2, last.end)
+    expected = [i for i in stored if i.status != "missing" and last.end - WINDOW <= i.end <= last.end]
+    assert [i.end for i in expected] == list(range(last.end - WINDOW, last.end + 1, SECONDS))
     return last, expected
 
 
 async def test_history_read_returns_the_stored_intervals(plant: Harness, client: Client):
     last, expected = await history_window(plant)
-    start, end = utc(last.end - 10), utc(last.end)
+    start, end = utc(last.end - WINDOW), utc(last.end)
     node = client.get_node(ua.NodeId(f"incomer.Energy.{CAMEL[QUANTITY]}", client.ns))
 
     dvs = await node.read_raw_history(start, end, return_bounds=False)
@@ -258,7 +259,7 @@ async def test_node_opcua_reads_the_same_history(plant: Harness, client: Client,
         "`make test` installs node-opcua-client (npm ci --prefix tests/opcua_node_client)"
     last, expected = await history_window(plant)
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path_factory.mktemp("node-opcua-config"))}
-    start, end = utc(last.end - 10).isoformat(), utc(last.end).isoformat()
+    start, end = utc(last.end - WINDOW).isoformat(), utc(last.end).isoformat()
     ident = f"incomer.Energy.{CAMEL[QUANTITY]}"
     want = [{"value": i.energy[QUANTITY], "status": STATUS_NAMES[i.status],
              "sourceTimestamp": utc(i.end).strftime("%Y-%m-%dT%H:%M:%S.000Z")} for i in expected]

@@ -641,6 +641,8 @@ class OpcUaServer:
                 if unit in self._dirty:
                     continue  # changed again while we yielded: its own pass writes it with its stamp
                 for point in points:
+                    if unit in self._dirty or self.image.unit(unit) is not u:
+                        break  # a reload (or a new poll) while we yielded: its own pass writes the rest
                     if bool(point.attribute.datachange_callbacks) is watched and \
                             await self._write_point(point, u, health, source, now):
                         writes += 1
