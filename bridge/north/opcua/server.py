@@ -317,6 +317,9 @@ class OpcUaServer:
                 self.config = config
                 await self._update(old, config)
                 self._mark_all()
+                # written now, not by the writer a moment later: once the reload is applied, a meter
+                # whose bus changed must already read BadWaitingForInitialData, never its old values
+                await self._flush()
             return Staged(update)
 
         new: _Space | None = await self._open(config)  # BridgeError (e.g. a certificate): nothing changed
