@@ -326,7 +326,8 @@ def cmd_energy(args: argparse.Namespace) -> int:
     from bridge.config.loader import load_config
     import dataclasses
 
-    from bridge.energy.recorder import build_reports, energy_meters, recorded_interval
+    from bridge.energy.meters import energy_meters
+    from bridge.energy.recorder import build_reports, recorded_interval
     from bridge.energy.store import STORE_FILE, EnergyDb, StoreError
     from bridge.north import energy_api
     from bridge.energy.tariffs import billing_period
@@ -336,7 +337,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
         print(f"{PROG}: {args.config}: no energy: section, so the bridge keeps no interval energy", file=sys.stderr)
         return 2
     cfg = config.energy
-    names = energy_meters(config)
+    names = list(energy_meters(config))
     if args.meter and args.meter not in names:
         print(f"{PROG}: no meter {args.meter!r} with energy counters; one of: {', '.join(names)}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health
 from bridge.core.model import Config, EnergyConfig, MeterConfig
 from bridge.energy.intervals import MeterIntervals
+from bridge.energy.meters import counters_of
 from bridge.energy.report import BalanceAlarm, combine, meter_report
 from bridge.energy.store import STORE_FILE, EnergyDb, EnergyStore
 from bridge.energy.tariffs import TariffPlan
@@ -40,31 +41,6 @@ FLUSH = 1.0  # seconds a closed interval may wait before it is written
 STATE_EVERY = 10.0  # seconds between two writes of the open states (what a kill -9 can cost)
 PRUNE_EVERY = 6 * 3600.0  # seconds between two retention passes
 ALARM_PREFIX = "alarm:"
-
-
-def counters_of(meter: MeterConfig) -> dict[str, Counter]:
-    """The meter's energy counters and how each counts (an integer register wraps at its width)."""
-    out = {}
-    for m in meter.profile.measurements:
-        if m.name in QUANTITIES:
-            if m.dtype.is_float:
-                out[m.name] = Counter(None, 0.0)
-            else:
-                bits = 16 * m.dtype.registers
-                out[m.name] = Counter(float(2 ** bits) * m.scale, abs(m.scale))
-    return out
-
-
-def quantities_of(meter: MeterConfig) -> list[str]:
-    """The energy quantities of a meter's intervals, in the standard order."""
-    return [q for q in QUANTITIES if q in counters_of(meter)]
-
-
-def energy_meters(config: Config) -> list[str]:
-    """The meters that have intervals: those with energy counters, then the virtual meters made of them."""
-    real = [m.name for m in config.meters if counters_of(m)]
-    virtual = [v.name for v in config.energy.virtual if all(t in real for _, t in v.terms)] if config.energy else []
-    return real + virtual
 
 
 def recorded_interval(states: Mapping[str, Any]) -> int | None:

@@ -37,7 +37,7 @@ from bridge.core.mqtt_json import JsonTopics
 from bridge.core.mqtt_types import MeterSample, Publish
 from bridge.core import sparkplug_b_pb2 as pb
 from bridge.core.sparkplug import EdgeNode, IntervalSample
-from bridge.energy.recorder import quantities_of
+from bridge.energy.meters import quantities_of
 from bridge.energy.report import interval_record
 from bridge.energy.types import MISSING
 from bridge.north.mqtt.queue import DiskQueue
@@ -57,8 +57,8 @@ YIELD_EVERY = 16  # meters sampled, or live items sent, between two yields to th
 RESEND_WINDOW = 5.0  # seconds of Sparkplug samples kept back (QoS 0) to resend as history after a loss
 QUEUE_FILE = "mqtt-queue.sqlite3"
 HISTORY = "/history"  # JSON: the backlog of a meter's topic, replayed after an outage
-NODE_FIGURES = object()
-INTERVAL = object()  # a Sparkplug live item: (INTERVAL, energy interval, historical)  # a Sparkplug live item: NDATA with the bridge's own figures
+NODE_FIGURES = object()  # a Sparkplug live item: NDATA with the bridge's own figures
+INTERVAL = object()  # a Sparkplug live item: (INTERVAL, energy interval, historical)
 BDSEQ_FILE = "sparkplug-bdseq"
 
 
@@ -546,7 +546,7 @@ class JsonLink(Link):
 
     def take_interval(self, interval, historical: bool) -> None:
         body = json.dumps(interval_record(interval), separators=(",", ":"), allow_nan=False).encode()
-        self.offer([Publish(f"{self.topics.cfg.topic}/{interval.meter}/energy", body, 1, True)])
+        self.offer([Publish(self.topics.state_topic(interval.meter) + "/energy", body, 1, True)])
 
     def on_message(self, topic: str, payload: bytes) -> list[Publish]:
         if topic == self.topics.ha_status_topic and self.topics.homeassistant_status(payload):
@@ -774,11 +774,14 @@ class MqttSide:
             last = energy.last(name)
             if last is None:
                 continue
-            for link in self.links:
-                sent = link.energy_sent.setdefault(name, last.start)  # from the first interval seen on
-                if last.end <= sent or not link.takes_intervals():
-                    continue
-                closed = [i for i in await energy.intervals(name, sent, last.end) if i.status != MISSING]
+            behind = [link for link in self.links  # from the first interval seen on
+                      if last.end > link.energy_sent.setdefault(name, last.start) and link.takes_intervals()]
+            if not behind:
+                continue
+            since = min(link.energy_sent[name] for link in behind)  # one read of the store for every link
+            stored = [i for i in await energy.intervals(name, since, last.end) if i.status != MISSING]
+            for link in behind:
+                closed = [i for i in stored if i.start >= link.energy_sent[name]]
                 for n, interval in enumerate(closed):
                     link.take_interval(interval, historical=n < len(closed) - 1)
                 link.energy_sent[name] = last.end

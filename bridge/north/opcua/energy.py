@@ -1,4 +1,4 @@
-"""Interval energy in the OPC UA address space (SPEC §9): the last closed interval of every meter that
+"""Interval energy in the OPC UA address space (docs/energy.md, docs/opcua.md): the last closed interval of every meter that
 has energy counters and of every virtual meter, and the history of their intervals (OPC UA Part 11),
 read from the energy store through the read model (``BridgeView.energy``), never from memory.
 
@@ -42,9 +42,9 @@ from asyncua import ua
 from asyncua.server.address_space import NodeData
 from asyncua.server.history import HistoryStorageInterface
 
-from bridge.core.model import Config, VirtualMeterConfig
+from bridge.core.model import VirtualMeterConfig
 from bridge.core.units import CEFACT_NAMESPACE, unit_for
-from bridge.energy.types import COMPLETE, DEMAND_QUANTITY, ESTIMATED, MISSING, QUANTITIES, RESET, ROLLOVER, Interval
+from bridge.energy.types import COMPLETE, DEMAND_QUANTITY, ESTIMATED, MISSING, RESET, ROLLOVER, Interval
 from bridge.north.opcua.nodes import ANALOG_ITEM_TYPE, HAS_COMPONENT, NodeBuilder
 from bridge.view import BridgeView
 
@@ -76,26 +76,6 @@ def browse_name(quantity: str) -> str:
 
 def energy_unit(quantity: str) -> str:
     return "kvarh" if "reactive" in quantity else "kWh"
-
-
-def energy_meters(config: Config) -> dict[str, tuple[tuple[str, ...], VirtualMeterConfig | None]]:
-    """Meter name → (its energy quantities, its virtual meter configuration or None), for the meters that
-    have intervals: the recorder's rule (``bridge.energy.recorder.energy_meters``), those whose profile
-    has energy counters, then the virtual meters all of whose terms have them, with the quantities every
-    term has. From the configuration, since the recorder starts after this side builds its nodes."""
-    if config.energy is None:
-        return {}
-    real = {}
-    for meter in config.meters:
-        names = {m.name for m in meter.profile.measurements}
-        if names.intersection(QUANTITIES):
-            real[meter.name] = tuple(q for q in QUANTITIES if q in names)
-    out: dict[str, tuple[tuple[str, ...], VirtualMeterConfig | None]] = {n: (q, None) for n, q in real.items()}
-    for v in config.energy.virtual:
-        if v.terms and all(t in real for _, t in v.terms):
-            common = set.intersection(*(set(real[t]) for _, t in v.terms))
-            out[v.name] = (tuple(q for q in QUANTITIES if q in common), v)
-    return out
 
 
 # ------------------------------------------------------------------------------ the live nodes

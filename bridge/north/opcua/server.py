@@ -43,7 +43,8 @@ from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health, UnitImage
 from bridge.core.model import Config, Measurement, MeterConfig, OpcUaConfig, SegmentConfig
 from bridge.core.units import CEFACT_NAMESPACE, unit_for
-from bridge.north.opcua.energy import EnergyHistory, EnergyNodes, build_energy, energy_meters
+from bridge.energy.meters import energy_meters
+from bridge.north.opcua.energy import EnergyHistory, EnergyNodes, build_energy
 from bridge.north.opcua.nodes import ANALOG_ITEM_TYPE, NodeBuilder, Watch, reattach
 from bridge.north.opcua.security import configure_security
 from bridge.north.side import Staged, listen_error
