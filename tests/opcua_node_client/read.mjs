@@ -6,14 +6,8 @@
 // ns=<idx>;s=<meter.measurement> Value and its EngineeringUnits property (found
 // by browsing the variable's HasProperty references for that name, in whatever
 // namespace), and prints one JSON object on stdout. Exits non-zero on any failure.
-import {
-  AttributeIds,
-  BrowseDirection,
-  MessageSecurityMode,
-  OPCUAClient,
-  SecurityPolicy,
-  VariableIds,
-} from "node-opcua-client";
+import { AttributeIds, BrowseDirection } from "node-opcua-client";
+import { iso, run } from "./session.mjs";
 
 const [endpoint, namespaceUri, ...names] = process.argv.slice(2);
 if (!endpoint || !namespaceUri || names.length === 0) {
@@ -21,73 +15,44 @@ if (!endpoint || !namespaceUri || names.length === 0) {
   process.exit(2);
 }
 
-const iso = (d) => (d instanceof Date && !Number.isNaN(d.getTime()) ? d.toISOString() : null);
-
-const client = OPCUAClient.create({
-  applicationName: "modbus-bridge-test-node-client",
-  endpointMustExist: false,
-  securityMode: MessageSecurityMode.None,
-  securityPolicy: SecurityPolicy.None,
-  connectionStrategy: { maxRetry: 0, initialDelay: 100, maxDelay: 200 },
-  requestedSessionTimeout: 10000,
-});
-
-let exitCode = 0;
-try {
-  await client.connect(endpoint);
-  const session = await client.createSession();
-  try {
-    const nsArray = await session.read({ nodeId: VariableIds.Server_NamespaceArray, attributeId: AttributeIds.Value });
-    const namespaces = nsArray.value.value;
-    const ns = namespaces.indexOf(namespaceUri);
-    if (ns < 0) throw new Error(`namespace ${namespaceUri} not in ${JSON.stringify(namespaces)}`);
-
-    const nodes = names.map((name) => `ns=${ns};s=${name}`);
-    const values = await session.read(nodes.map((nodeId) => ({ nodeId, attributeId: AttributeIds.Value })));
-    const browsed = await session.browse(
-      nodes.map((nodeId) => ({
-        nodeId,
-        referenceTypeId: "HasProperty",
-        browseDirection: BrowseDirection.Forward,
-        includeSubtypes: true,
-        resultMask: 0x3f,
-      })),
-    );
-    const result = { namespaceIndex: ns, namespaces, values: {} };
-    for (let i = 0; i < names.length; i++) {
-      const dv = values[i];
-      let eu = null;
-      const ref = (browsed[i].references || []).find((r) => r.browseName.name === "EngineeringUnits");
-      if (ref) {
-        const euValue = await session.read({ nodeId: ref.nodeId, attributeId: AttributeIds.Value });
-        const info = euValue.value.value;
-        eu = info
-          ? {
-              browseNamespaceIndex: ref.browseName.namespaceIndex,
-              namespaceUri: info.namespaceUri,
-              unitId: info.unitId,
-              displayName: info.displayName && info.displayName.text,
-            }
-          : null;
-      }
-      result.values[names[i]] = {
-        nodeId: nodes[i],
-        value: dv.value.value,
-        dataType: dv.value.dataType,
-        status: dv.statusCode.name,
-        sourceTimestamp: iso(dv.sourceTimestamp),
-        serverTimestamp: iso(dv.serverTimestamp),
-        engineeringUnits: eu,
-      };
+await run(endpoint, namespaceUri, async (session, ns, namespaces) => {
+  const nodes = names.map((name) => `ns=${ns};s=${name}`);
+  const values = await session.read(nodes.map((nodeId) => ({ nodeId, attributeId: AttributeIds.Value })));
+  const browsed = await session.browse(
+    nodes.map((nodeId) => ({
+      nodeId,
+      referenceTypeId: "HasProperty",
+      browseDirection: BrowseDirection.Forward,
+      includeSubtypes: true,
+      resultMask: 0x3f,
+    })),
+  );
+  const result = { namespaceIndex: ns, namespaces, values: {} };
+  for (let i = 0; i < names.length; i++) {
+    const dv = values[i];
+    let eu = null;
+    const ref = (browsed[i].references || []).find((r) => r.browseName.name === "EngineeringUnits");
+    if (ref) {
+      const euValue = await session.read({ nodeId: ref.nodeId, attributeId: AttributeIds.Value });
+      const info = euValue.value.value;
+      eu = info
+        ? {
+            browseNamespaceIndex: ref.browseName.namespaceIndex,
+            namespaceUri: info.namespaceUri,
+            unitId: info.unitId,
+            displayName: info.displayName && info.displayName.text,
+          }
+        : null;
     }
-    process.stdout.write(JSON.stringify(result) + "\n");
-  } finally {
-    await session.close();
+    result.values[names[i]] = {
+      nodeId: nodes[i],
+      value: dv.value.value,
+      dataType: dv.value.dataType,
+      status: dv.statusCode.name,
+      sourceTimestamp: iso(dv.sourceTimestamp),
+      serverTimestamp: iso(dv.serverTimestamp),
+      engineeringUnits: eu,
+    };
   }
-} catch (err) {
-  console.error(err && err.stack ? err.stack : String(err));
-  exitCode = 1;
-} finally {
-  await client.disconnect();
-}
-process.exit(exitCode);
+  return result;
+});
