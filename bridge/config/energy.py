@@ -1,4 +1,4 @@
-"""The ``energy`` section (SPEC §9): checked like every other key, errors name file, line and key."""
+"""The ``energy`` section (docs/configuration.md §2.8): checked like every other key, errors name file, line and key."""
 from __future__ import annotations
 
 import zoneinfo

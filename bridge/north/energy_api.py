@@ -1,4 +1,4 @@
-"""``GET /api/energy`` and ``GET /api/energy/report`` (SPEC §9): query parsing and rendering.
+"""``GET /api/energy`` and ``GET /api/energy/report`` (docs/energy.md §7): query parsing and rendering.
 
 ``from`` and ``to`` take an ISO 8601 time with an offset or ``Z`` (``2026-03-01T06:00:00Z``), a date
 (``2026-03-01``: local midnight in ``energy.timezone``, as a billing clerk means it), a local time without
