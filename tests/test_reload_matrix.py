@@ -1,4 +1,5 @@
-"""The reload matrix: one bridge (a real subprocess, every side on), reconfigured step by step with SIGHUP.
+"""The reload matrix: one bridge (a real subprocess, every side on: Modbus TCP, OPC UA, HTTP, MQTT to a
+mosquitto started here, interval energy), reconfigured step by step with SIGHUP.
 
 Black-box: the test only writes configuration files, sends signals, reads the JSON log on
 stderr and talks to the bridge the way its users do (HTTP, OPC UA, Modbus TCP). The
@@ -32,6 +33,8 @@ from typing import Any, TypeVar
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
+
+from broker import Mosquitto
 
 from bridge.config.profiles import get_builtin
 from bridge.core.model import Measurement
@@ -409,6 +412,7 @@ class Bridge:
         self.units_seen: set[int] = set(self.current.units)  # every unit any written configuration named
         self.log_checked = (0, 0)  # the log is checked up to here (``Log.mark``)
         self.listened: dict[str, set[str]] = {"modbus": set(), "http": set()}  # port keys of applied layouts
+        self.broker: Mosquitto | None = None  # the MQTT broker every configuration publishes to
 
     def listens(self, layout: Layout) -> None:
         """``layout`` is now in force: remember where it has the bridge listen."""
@@ -436,6 +440,10 @@ class Bridge:
                 "  security: [None]"]
         if layout.http is not None:
             out += ["http:", f"  listen: 127.0.0.1:{self.ports[layout.http]}"]
+        # every side on: MQTT (both flavours, to the module's broker) and the energy recorder, in every step
+        out += ["mqtt:", f"  brokers: [{self.broker.url}]", "  client_id: matrix",
+                "  sparkplug: {group_id: matrix, edge_node_id: panel}", "  json: {topic: matrix/panel}",
+                "energy:", "  interval: 1"]
         return "\n".join(out) + "\n"
 
     def write(self, layout: Layout) -> None:
@@ -498,8 +506,10 @@ async def bridge(tmp_path_factory):
         ports[key] = port
     path = tmp / "bridge.yaml"
     proc = log = None
+    broker = Mosquitto(tmp / "broker").start()
     try:
         b = Bridge(None, None, path, buses, ports, holders)  # type: ignore[arg-type]
+        b.broker = broker
         b.write(STEPS[0].layout)
         proc = await asyncio.create_subprocess_exec(*BRIDGE, str(path), stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.DEVNULL,
@@ -524,6 +534,7 @@ async def bridge(tmp_path_factory):
             await proc.wait()
         if log is not None:
             await log.close()
+        broker.stop()
         for bus in buses.values():
             bus.close()
         for sock in holders:
@@ -616,9 +627,15 @@ class StepRun:
             if code != 200:
                 return [f"HTTP {code}: {body[:200]!r}"]
             doc = json.loads(body)
+            wrong = []
+            mqtt = doc["upstream"].get("mqtt", {})
+            if mqtt.get("connected") != 1:
+                wrong.append(f"MQTT not connected to its broker: {mqtt.get('note') or mqtt}")
+            energy = doc.get("energy") or {}
+            if set(energy.get("meters", ())) != {m.name for _, m in now.meters}:
+                wrong.append(f"energy meters {energy.get('meters')}, not the configured ones")
             got_segments = {(s["name"], s["port"]) for s in doc["segments"]}
             got_meters = {(s["name"], m["name"], m["unit"], m["profile"]) for s in doc["segments"] for m in s["meters"]}
-            wrong = []
             if got_segments != expected_segments:
                 wrong.append("segments (name, port): " + set_diff(expected_segments, got_segments))
             if got_meters != expected_meters:
@@ -640,7 +657,11 @@ class StepRun:
 
         await self.check("HTTP", lambda: eventually(
             status, lambda wrong: not wrong, self.wait,
-            "/status.json: the configured segments and meters, fresh with plausible values"))
+            "/status.json: the configured segments and meters, fresh with plausible values; MQTT connected; "
+            "energy for every meter"))
+        first = now.meters[0][1].name
+        await self.check("HTTP", lambda: eventually(lambda: http_get(port, f"/api/energy?meter={first}"),
+                                                    lambda r: r[0] == 200, self.wait, f"/api/energy?meter={first} 200"))
         await self.check("HTTP", lambda: eventually(lambda: http_get(port, "/"), lambda r: r[0] == 200, self.wait,
                                                     "GET / 200"))
 
