@@ -102,7 +102,7 @@ class MeterView:
 
     @property
     def health(self) -> Health:
-        return self.image.health(self.meter.unit)
+        return self.image.health_of(self._unit)
 
     @property
     def quality(self) -> str:
@@ -143,7 +143,10 @@ class SegmentView:
 
     def __init__(self, source: SegmentSource, image: RegisterImage):
         self.source = source
-        self.meters = [MeterView(image, m, source.cfg) for m in source.cfg.meters]
+        # during a reload the segments in force and the image may disagree for a moment (the image is
+        # reconfigured first): a meter whose unit is gone or now another meter's is left out until then
+        self.meters = [MeterView(image, m, source.cfg) for m in source.cfg.meters
+                       if (u := image.unit(m.unit)) is not None and (u.meter is m or u.meter == m)]
 
     cfg = property(lambda self: self.source.cfg)
     name = property(lambda self: self.source.cfg.name)

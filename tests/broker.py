@@ -106,10 +106,16 @@ class Subscriber:
 
     async def wait_for(self, predicate, timeout: float = 10.0, what: str = "") -> list[dict]:
         """Until ``predicate(messages)`` is true; returns the messages."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self.messages):
-                self._new.clear()
-                await self._new.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self.messages):
+                    self._new.clear()
+                    await self._new.wait()
+        except TimeoutError:
+            last = {m["topic"]: str(m["payload"])[:80] for m in self.messages}  # each topic's last payload
+            seen = "\n  ".join(f"{t}: {p}" for t, p in sorted(last.items()))
+            raise AssertionError(f"no {what or 'match'} within {timeout} s; {len(self.messages)} message(s), "
+                                 f"last on each topic:\n  {seen}") from None
         return self.messages
 
     def on(self, topic_part: str) -> list[dict]:

@@ -139,6 +139,30 @@ async def test_json_broker_killed_and_restarted_loses_no_state_message(broker, t
             assert json.loads(m["payload"])["ts"] == newest, m["topic"]
 
 
+async def test_a_state_that_changed_during_an_outage_is_current_at_once_when_the_broker_is_back(broker, tmp_path):
+    """A meter that goes silent while the broker is away, and then says nothing new: once the broker
+    is back its own topic holds "offline" at once (not only ``/history``), as does what the broker
+    retains for a client connecting later; not the "good" it had before the outage."""
+    layout = {"a": [MeterSpec("lighting", 2, 21)]}  # not animated: nothing changes after it goes silent
+    async with Subscriber(broker.url, f"{TOPIC}/#") as sub, \
+            running_bridge(layout, mqtt=json_config(broker), state_dir=str(tmp_path)) as h:
+        link = h.app.north["mqtt"].links[0]
+        await sub.wait_for(lambda ms: any(s["status"] == "good" for s in states(ms, "lighting")), what="good")
+        await asyncio.sleep(1.2)  # the broker has saved the retained state
+        broker.kill()
+        await until(lambda: not link.connected, what="the bridge notices")
+        h.sims["lighting"].faults.silent = True
+        await until(lambda: h.app.view.image.health(21).value in ("stale", "offline"), what="the meter silent")
+        await asyncio.sleep(0.3)
+        broker.start()
+        sub.messages.clear()
+        await sub.wait_for(lambda ms: any(s["status"] != "good" for s in states(ms, "lighting")),
+                           timeout=20, what="its state on its own topic")
+    async with Subscriber(broker.url, f"{TOPIC}/lighting") as late:
+        await late.wait_for(lambda ms: ms, what="retained")
+        assert json.loads(late.messages[-1]["payload"])["status"] != "good"
+
+
 async def test_mqtt_side_never_holds_the_bus_back_without_a_broker(tmp_path):
     """No broker at all: the bridge starts, polls at its rate, serves, and keeps what it would have sent."""
     dead = MqttConfig(brokers=("mqtt://127.0.0.1:9",), client_id="panel-7", json=MqttJsonConfig(TOPIC))
@@ -184,6 +208,9 @@ async def test_a_reload_moves_the_json_topics_and_births_a_new_meter(broker, tmp
         await sub.wait_for(lambda ms: any(s["status"] == "good" for s in states(ms, "incomer")), what="live")
         old = h.app.config
         await h.app.reload(dataclasses.replace(old, segments=old.segments[:1]))  # lighting removed
+        # connected again before the next reload (one that comes before the link is back clears the
+        # old status instead of saying offline on it: nothing was said there in between)
+        await until(lambda: h.app.north["mqtt"].links[0].connected, what="connected after the first reload")
         sub.messages.clear()
         new = dataclasses.replace(old, mqtt=dataclasses.replace(old.mqtt, json=MqttJsonConfig("site/panel-8")))
         await h.app.reload(new)  # lighting back, under a new prefix

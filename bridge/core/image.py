@@ -123,6 +123,8 @@ class RegisterImage:
         for meter in meters:
             old = self._units.get(meter.unit)
             keep = old is not None and old.meter == meter and old.bus == bus.get(meter.unit)
+            if keep:
+                old.meter = meter  # the same settings: the new object, so views compare by identity
             units[meter.unit] = old if keep else _new_unit(meter, bus.get(meter.unit))
         self._units = units
 
@@ -134,7 +136,10 @@ class RegisterImage:
         return self._units.get(unit)
 
     def health(self, unit: int) -> Health:
-        u = self._units[unit]
+        return self.health_of(self._units[unit])
+
+    def health_of(self, u: UnitImage) -> Health:
+        """A unit image's health now, even of one a reload has since replaced (a view built before it)."""
         if u.health is Health.FRESH and self._clock() - u.last_good > u.meter.stale_after:
             return Health.STALE
         return u.health

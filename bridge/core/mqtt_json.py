@@ -300,6 +300,12 @@ class JsonTopics:
         self._state[s.name] = _MeterState(payload, key, now)
         return [Publish(self.state_topic(s.name), payload, qos=1, retain=True)]
 
+    def current(self) -> list[Publish]:
+        """Every meter's newest state, retained: what a new connection publishes first, so that a
+        state made while the broker was away (kept on disk, replayed on ``/history``) is current on
+        the meter's own topic at once and not only after its next change."""
+        return [Publish(self.state_topic(name), last.payload, qos=1, retain=True) for name, last in self._state.items()]
+
     def due(self, now: float) -> list[Publish]:
         """The unchanged states not published for ``max_age`` seconds, republished (newest ``ts``)."""
         out = []

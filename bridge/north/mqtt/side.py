@@ -213,6 +213,9 @@ class Link:
             self.disconnected()
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
+            gone = client._disconnected  # aiomqtt leaves an unexpected disconnection's error unretrieved
+            if gone.done() and not gone.cancelled():
+                gone.exception()
 
     def connected_now(self) -> None:
         """A new connection: flavour state that must start afresh."""
@@ -540,6 +543,9 @@ class JsonLink(Link):
 
     def subscriptions(self) -> list[tuple[str, int]]:
         return [(topic, 1) for topic in self.topics.subscriptions()]
+
+    def connected_now(self) -> None:
+        self.offer(self.topics.current())
 
     def replay_forms(self, stored: Publish) -> list[Publish]:
         return [Publish(stored.topic + HISTORY, stored.payload, stored.qos, False)]
