@@ -46,8 +46,10 @@ $(MQTT_CLIENT)/node_modules/.installed: $(MQTT_CLIENT)/package-lock.json
 demo: $(STAMP)
 	$(VENV)/bin/modbus-bridge demo
 
+# Most of the suite waits on real peers (ptys, brokers, servers): three workers on two cores. Each
+# test file stays in one worker (--dist loadfile): its module-wide broker or bridge is started once.
 test: $(STAMP) tools $(DEBIAN_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/modbus_tcp.py
