@@ -14,7 +14,7 @@ Phases, one process (uvloop), everything on 127.0.0.1:
    around the real method), over ``--boundaries`` boundaries.
 3. ``query``: a bridge with the same meters, 15-minute intervals, HTTP and OPC UA on, on the year's store:
    ``GET /api/energy/report`` for the last calendar month, all meters; ``GET /api/energy?meter=…`` for one
-   meter's year; OPC UA HistoryRead (asyncua client) of one meter's month of ``ImportActiveEnergy``. Each
+   meter's year, without and with ``detail=1``; OPC UA HistoryRead (asyncua client) of one meter's month of ``ImportActiveEnergy``. Each
    ``--repeat`` times; the median and the worst are reported.
 
     .venv/bin/python bench/energy.py                      # the scale, a few minutes
@@ -172,6 +172,8 @@ async def query(state: str, meters: int, repeat: int) -> dict:
                                               repeat)
         out["intervals_year_one"] = await timed(http_get(port, f"/api/energy?meter=m001&from={now - 365 * DAY}&to={now}"),
                                                 repeat)
+        out["intervals_year_one_detail"] = await timed(
+            http_get(port, f"/api/energy?meter=m001&from={now - 365 * DAY}&to={now}&detail=1"), repeat)
         endpoint = h.app.config.opcua.endpoint
         async with Client(endpoint, timeout=30) as client:
             ns = await client.get_namespace_index(h.app.config.opcua.namespace)
@@ -212,6 +214,7 @@ def markdown(r: dict) -> str:
                     f"{'met' if ok else '**not met**'} |")
     for key, what in (("report_month_all", f"monthly report, all {r['meters']} meters, over HTTP < 1 s"),
                       ("intervals_year_one", "one meter's year of intervals over HTTP < 1 s"),
+                      ("intervals_year_one_detail", "the same with boundaries and evidence (`&detail=1`)"),
                       ("opcua_history_month_one", "OPC UA HistoryRead of one meter's month < 1 s")):
         v = q.get(key)
         if v is None:

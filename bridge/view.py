@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from bridge.core.diagnostics import MeterDiagnostics, SegmentDiagnostics
 from bridge.core.image import Health, RegisterImage, UnitImage
-from bridge.core.model import Measurement, MeterConfig, SegmentConfig
+from bridge.core.model import Measurement, MeterConfig, SegmentConfig, VirtualMeterConfig
 
 # a part that failed this often within RESTART_LOOP_WINDOW seconds is unhealthy: a restart of the
 # whole process (the systemd watchdog's answer) may clear what restarting the part did not
@@ -27,6 +27,10 @@ RESTART_LOOP_FAILURES = 3
 RESTART_LOOP_WINDOW = 60.0
 
 QUALITY = {Health.FRESH: "good", Health.STALE: "stale", Health.OFFLINE: "offline", Health.NEVER_READ: "unread"}
+WORST_FIRST = ("unread", "offline", "stale", "good")  # a virtual meter's quality: the worst of its terms'
+# what a virtual meter has live: the measurements that add up across meters (W and var do; A, V, VA and
+# power factors do not), where every term has them
+VIRTUAL_LIVE = ("active_power", "reactive_power")
 
 
 class SegmentSource(Protocol):
@@ -66,9 +70,10 @@ class EnergySource(Protocol):
 
     def meter_names(self) -> list[str]: ...  # real meters with energy counters, then virtual ones
     def virtual_names(self) -> list[str]: ...
+    def virtual_meters(self) -> list[VirtualMeterConfig]: ...  # those with intervals (every term has counters)
     def last(self, meter: str) -> Any: ...  # its last closed interval (bridge.energy.types.Interval) or None
     def alarm_state(self) -> dict[str, dict]: ...
-    async def intervals(self, meter: str, start: int, end: int) -> list[Any]: ...
+    async def intervals(self, meter: str, start: int, end: int, detail: bool = False) -> list[Any]: ...
     async def report(self, start: int, end: int, meters: list[str]) -> list[dict]: ...
 
 
@@ -138,6 +143,51 @@ class MeterView:
         return [(m, self.value(m)) for m in self.meter.profile.measurements]
 
 
+def virtual_live(terms: Sequence[MeterConfig]) -> tuple[str, ...]:
+    """What a virtual meter over meters ``terms`` has live: the ``VIRTUAL_LIVE`` measurements they all have."""
+    have = [{m.name for m in meter.profile.measurements} for meter in terms]
+    return tuple(q for q in VIRTUAL_LIVE if have and all(q in h for h in have))
+
+
+class VirtualMeterView:
+    """A virtual meter (``energy.virtual``) read live: Σ sign × its terms' values of ``VIRTUAL_LIVE``.
+    Its quality is the worst of its terms' and its time the oldest of theirs: a sum is only as good
+    and as recent as its weakest term."""
+
+    __slots__ = ("cfg", "terms", "measurements")
+
+    def __init__(self, cfg: VirtualMeterConfig, terms: Sequence[tuple[int, MeterView]]):
+        self.cfg = cfg
+        self.terms = tuple(terms)
+        self.measurements = virtual_live([mv.meter for _, mv in self.terms])
+
+    name = property(lambda self: self.cfg.name)
+    formula = property(lambda self: self.cfg.formula)
+
+    @property
+    def quality(self) -> str:
+        return min((mv.quality for _, mv in self.terms), key=WORST_FIRST.index, default="unread")
+
+    @property
+    def last_good_wall(self) -> float | None:
+        walls = [mv.last_good_wall for _, mv in self.terms]
+        return None if not walls or None in walls else min(walls)
+
+    def value(self, name: str) -> float | None:
+        """Σ sign × the terms' last values of ``name`` (kept while stale, like a meter's); None if one has none."""
+        total = 0.0
+        for sign, mv in self.terms:
+            m = next(m for m in mv.meter.profile.measurements if m.name == name)
+            v = mv.value(m)
+            if v is None:
+                return None
+            total += sign * v
+        return total
+
+    def readings(self) -> list[tuple[str, float | None]]:
+        return [(q, self.value(q)) for q in self.measurements]
+
+
 class SegmentView:
     __slots__ = ("source", "meters")
 
@@ -182,6 +232,14 @@ class BridgeView:
     def meters(self) -> Iterator[MeterView]:
         for seg in self.segments():
             yield from seg.meters
+
+    def virtual_meters(self) -> list[VirtualMeterView]:
+        """The virtual meters with intervals (interval energy on), each over its terms read live."""
+        if self.energy is None:
+            return []
+        by_name = {mv.name: mv for mv in self.meters()}
+        return [VirtualMeterView(v, [(sign, by_name[t]) for sign, t in v.terms])
+                for v in self.energy.virtual_meters() if all(t in by_name for _, t in v.terms)]
 
     def sample(self) -> None:
         """One utilisation sample of every segment (about once a second)."""

@@ -24,7 +24,7 @@ from bridge.energy.store import STORE_FILE, EnergyDb, StoreError
 from bridge.south.simulator import SimMeter, SimulatedBus
 from bridge.config.profiles import get_builtin
 from bridge.testing import MeterSpec, free_port, running_bridge
-from test_http import request
+from test_http import request, sample, scrape_families
 
 SECONDS = 1  # interval length
 RATES = {"incomer": 36.0, "lighting": 9.0, "sockets": 18.0}  # kW: the unmetered rest is 9 kW, 25 % of the incomer
@@ -79,8 +79,12 @@ async def test_intervals_follow_the_rates_and_the_balance_shows_the_unmetered_lo
             await until(lambda: recorder.last("unmetered") is not None and recorder.closed_total >= 10,
                         timeout=20, what="three closed intervals per meter")
             port = h.app.http.port
-            doc = await api(port, "/api/energy?meter=incomer")
+            plain = await api(port, "/api/energy?meter=incomer")
+            assert not any("boundaries" in i or "evidence" in i for i in plain["intervals"])  # only when asked
+            doc = await api(port, "/api/energy?meter=incomer&detail=1")
             assert doc["interval"] == SECONDS
+            assert [(i["start"], i.get("import_active_energy")) for i in plain["intervals"][:3]] == \
+                [(i["start"], i.get("import_active_energy")) for i in doc["intervals"][:3]]
             closed = [i for i in doc["intervals"] if i["status"] != "missing"]
             assert len(closed) >= 3
             for i in closed[1:]:  # the first may have begun before the counters moved
@@ -103,6 +107,13 @@ async def test_intervals_follow_the_rates_and_the_balance_shows_the_unmetered_lo
             assert "energy balance unmetered" in caplog.text
             status = h.app.view.north()["energy"]
             assert status.by_label["alarm"]["unmetered"] == 1.0
+            # live: the virtual meter's power now is the sum of its terms' (36 - 9 - 18 kW), beside the meters
+            live = (await api(port, "/status.json"))["energy"]["live"]["unmetered"]
+            assert live["quality"] == "good" and live["formula"] == "incomer - lighting - sockets"
+            assert live["values"]["active_power"] == pytest.approx(9000.0)
+            metrics = scrape_families((await request(port, "/metrics"))[2])
+            assert sample(metrics, "modbus_bridge_virtual_active_power_watts", meter="unmetered") == pytest.approx(9000.0)
+            assert sample(metrics, "modbus_bridge_virtual_good", meter="unmetered") == 1.0
             # CSV of the same
             status_code, headers, body = await request(port, "/api/energy?meter=lighting&format=csv")
             lines = body.decode().splitlines()
@@ -133,7 +144,7 @@ async def test_offline_across_boundaries_is_estimated_and_conserved_and_a_replac
                                  and recorder.last("sockets").start > back + SECONDS), timeout=10,
                         what="intervals after the gap and the reset")
             port = h.app.http.port
-            doc = await api(port, f"/api/energy?meter=lighting&from={int(t_first) - 10}")
+            doc = await api(port, f"/api/energy?meter=lighting&from={int(t_first) - 10}&detail=1")
             lighting = [i for i in doc["intervals"] if i["status"] != "missing"]
             assert "estimated" in [i["status"] for i in lighting], [i["status"] for i in lighting]
             # conserved: the intervals add up to the counter's travel between their ends, exactly
@@ -207,7 +218,7 @@ async def test_kill_9_mid_interval_then_restart_neither_loses_nor_double_counts(
             except StoreError:  # not there yet, or being created
                 return []
             try:
-                return db.intervals("incomer", 0, 2**40)
+                return db.intervals("incomer", 0, 2**40, detail=True)
             finally:
                 db.close()
 

@@ -208,6 +208,9 @@ class FakeEnergy:
     def virtual_names(self) -> list[str]:
         return ["balance"]
 
+    def virtual_meters(self) -> list:
+        return []  # "balance" has no terms among the bridge's meters: intervals only, nothing live
+
     def last(self, meter: str):
         rows = self.stored.get(meter)
         return rows[-1] if rows else None
@@ -215,7 +218,7 @@ class FakeEnergy:
     def alarm_state(self) -> dict[str, dict]:
         return {n: {"active": a.active, "since": a.since, "percent": a.percent} for n, a in self.alarms.items()}
 
-    async def intervals(self, meter: str, start: int, end: int) -> list[Interval]:
+    async def intervals(self, meter: str, start: int, end: int, detail: bool = False) -> list[Interval]:
         self.fetched.append(meter)
         rows = [i for i in self.stored[meter] if start <= i.start < end]
         return fill_missing(meter, rows, start, min(end, int(time.time())), INTERVAL)

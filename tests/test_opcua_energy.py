@@ -157,7 +157,17 @@ async def test_a_virtual_meter_has_its_own_object_and_raises_its_balance_alarm(p
     rec = recorder(plant)
     unmetered = await child(client, "Meters", "unmetered")
     assert unmetered.nodeid == ua.NodeId("unmetered", client.ns)
-    assert {d.BrowseName.Name for d in await unmetered.get_children_descriptions()} == {"Formula", "Energy"}
+    assert {d.BrowseName.Name for d in await unmetered.get_children_descriptions()} == \
+        {"Formula", "Energy", "ActivePower", "ReactivePower"}
+    # live: the sum of the terms' active power now (36 - 9 - 18 kW), with the terms' poll time and quality
+    power = client.get_node(ua.NodeId("unmetered.ActivePower", client.ns))
+    await until(lambda: _value_is(power, 9000.0), timeout=5, what="ActivePower = 9 kW over OPC UA")
+    dv = await read_dv(power)
+    assert dv.StatusCode.is_good()
+    polls = [plant.app.image.unit(plant.meters[m].unit).last_good_wall for m in ("incomer", "lighting", "sockets")]
+    assert abs(dv.SourceTimestamp.replace(tzinfo=timezone.utc).timestamp() - min(polls)) < 2.0
+    unit = await client.get_node(ua.NodeId("unmetered.ActivePower.EngineeringUnits", client.ns)).read_value()
+    assert unit.DisplayName.Text == "W"
     assert await (await child(client, "Meters", "unmetered", "Formula")).read_value() == "incomer - lighting - sockets"
     energy = await child(client, "Meters", "unmetered", "Energy")
     assert energy.nodeid == ua.NodeId("unmetered.Energy", client.ns)
@@ -344,7 +354,7 @@ class FakeEnergy:
         self.first, self.until, self.gaps = first, until, gaps
         self.calls: list[tuple[int, int]] = []
 
-    async def intervals(self, meter: str, start: int, end: int) -> list[Interval]:
+    async def intervals(self, meter: str, start: int, end: int, detail: bool = False) -> list[Interval]:
         self.calls.append((start, end))
         s = self.interval_s
         out = []

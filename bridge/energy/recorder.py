@@ -24,10 +24,10 @@ from typing import Any
 
 from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health
-from bridge.core.model import Config, EnergyConfig, MeterConfig
+from bridge.core.model import Config, EnergyConfig, MeterConfig, VirtualMeterConfig
 from bridge.energy.intervals import MeterIntervals
 from bridge.energy.meters import counters_of
-from bridge.energy.report import BalanceAlarm, combine, meter_report
+from bridge.energy.report import BalanceAlarm, combine, report, sliding_demand, tariff_function
 from bridge.energy.store import STORE_FILE, EnergyDb, EnergyStore
 from bridge.energy.tariffs import TariffPlan
 from bridge.energy.types import MISSING, QUANTITIES, Counter, Interval, Reading
@@ -263,6 +263,9 @@ class EnergyRecorder:
     def virtual_names(self) -> list[str]:
         return list(self.virtual)
 
+    def virtual_meters(self) -> list[VirtualMeterConfig]:
+        return list(self.virtual.values())
+
     def last(self, meter: str) -> Interval | None:
         return self._last.get(meter)
 
@@ -270,10 +273,11 @@ class EnergyRecorder:
         return {name: {"active": a.active, "since": a.since, "percent": a.last_percent}
                 for name, a in self.alarms.items()}
 
-    async def intervals(self, meter: str, start: int, end: int) -> list[Interval]:
-        """The intervals of ``meter`` starting in [start, end), ``missing`` where a slot that has ended has none."""
+    async def intervals(self, meter: str, start: int, end: int, detail: bool = False) -> list[Interval]:
+        """The intervals of ``meter`` starting in [start, end), ``missing`` where a slot that has ended has
+        none; with boundary values and evidence when ``detail``."""
         await self.flush()
-        stored = await self.store.call("intervals", meter, start, end)
+        stored = await self.store.call("intervals", meter, start, end, detail)
         return fill_missing(meter, stored, start, min(end, int(time.time())), self.interval_s)
 
     async def report(self, start: int, end: int, meters: list[str]) -> list[dict]:
@@ -296,13 +300,18 @@ def fill_missing(meter: str, stored: list[Interval], start: int, until: int, int
 
 
 def build_reports(db: EnergyDb, cfg: EnergyConfig, meters: list[str], start: int, end: int) -> list[dict]:
-    """Per meter, the billing report for [start, end) (synchronous: the store's thread, or the CLI). A period
-    that has not ended is reported up to the last boundary passed: slots still to come are not missing."""
+    """Per meter, the billing report for [start, end) (synchronous: the store's thread, or the CLI), summed
+    by the store. A period that has not ended is reported up to the last boundary passed: slots still to
+    come are not missing. Sliding demand (``demand_window``) needs each interval's energy: only then are
+    the intervals read."""
     plan = TariffPlan(cfg.tariffs, cfg.timezone) if cfg.tariffs else None
     interval_s = cfg.interval_s
+    window_s = cfg.demand_window * 60
     end = max(start, min(end, int(time.time()) // interval_s * interval_s))
-    return [meter_report(m, db.intervals(m, start, end), plan, (start, end), window_s=cfg.demand_window * 60,
-                         interval_s=interval_s) for m in meters]
+    sums = db.sums(meters, start, end, interval_s, tariff_function(plan))
+    return [report(m, sums[m], plan, (start, end), interval_s=interval_s, window_s=window_s,
+                   sliding=sliding_demand(db.intervals(m, start, end), window_s) if window_s else None)
+            for m in meters]
 
 
 def _alarm(cfg, state) -> BalanceAlarm:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from bridge.core.model import BalanceAlarmConfig
+from bridge.energy.intervals import MICRO, micro
 from bridge.energy.tariffs import TariffPlan
 from bridge.energy.types import DEMAND_QUANTITY, MISSING, QUANTITIES, STATUSES, Interval
 
@@ -165,67 +167,92 @@ def sliding_demand(intervals: Sequence[Interval], window_s: int) -> list[tuple[i
     return result
 
 
+@dataclass
+class Sums:
+    """One meter's intervals over a period, summed: what its report is made of (the store sums them in
+    SQL, ``sums_of`` in Python; both exactly, in integer micro-units)."""
+    energy: dict[str, int] = field(default_factory=dict)  # quantity -> micro-units
+    by_tariff: dict[str, dict[str, int]] = field(default_factory=dict)  # tariff -> quantity -> micro-units
+    statuses: dict[str, int] = field(default_factory=dict)
+    count: int = 0  # intervals (each its own start)
+    best: tuple[float, int] | None = None  # (W, start) of the highest block demand, the earliest of equals
+
+
+def sums_of(intervals: Sequence[Interval], tariff_at: Callable[[int], str] | None) -> Sums:
+    """``intervals`` (each its own start) summed, in time order."""
+    out = Sums()
+    for iv in sorted(intervals, key=lambda iv: iv.start):
+        out.count += 1
+        out.statuses[iv.status] = out.statuses.get(iv.status, 0) + 1
+        bucket = out.by_tariff.setdefault(tariff_at(iv.start), {}) if tariff_at is not None else None
+        for q, kwh in iv.energy.items():
+            e = micro(kwh)
+            out.energy[q] = out.energy.get(q, 0) + e
+            if bucket is not None:
+                bucket[q] = bucket.get(q, 0) + e
+        demand = iv.demand
+        if demand is not None and (out.best is None or demand > out.best[0]):
+            out.best = demand, iv.start
+    return out
+
+
+def tariff_function(plan: TariffPlan | None) -> Callable[[int], str] | None:
+    """The tariff of an interval by its start (UNTARIFFED where no tariff matches); None without tariffs."""
+    return None if plan is None else (lambda start: plan.tariff_at(start) or UNTARIFFED)
+
+
 def meter_report(meter: str, intervals: Sequence[Interval], plan: TariffPlan | None,
                  period: tuple[int, int], *, window_s: int = 0, interval_s: int) -> dict[str, Any]:
-    """One meter's energy over ``period`` = [from, to), JSON-ready.
+    """One meter's energy over ``period`` = [from, to), JSON-ready, from its intervals (see ``report``)."""
+    begin, end = period
+    chosen = [iv for iv in intervals if begin <= iv.start < end]
+    return report(meter, sums_of(chosen, tariff_function(plan)), plan, period, interval_s=interval_s,
+                  sliding=sliding_demand(chosen, window_s) if window_s else None, window_s=window_s)
+
+
+def report(meter: str, sums: Sums, plan: TariffPlan | None, period: tuple[int, int], *, interval_s: int,
+           sliding: Sequence[tuple[int, float]] | None = None, window_s: int = 0) -> dict[str, Any]:
+    """One meter's energy over ``period`` = [from, to), JSON-ready, from the sums of its intervals.
 
     An interval belongs to the period its start falls in (as its tariff is judged at its start), so
     with a zone whose midnight is not on an interval boundary the first and last slots straddle it;
-    intervals starting outside the period are left out. Energies are summed exactly (``math.fsum``) and
-    rounded to 6 decimals only in the result. ``statuses`` counts every status; "missing" adds the
-    slots of the period with no interval at all to the intervals stored as missing. Demand is in W,
-    rounded to mW; ``max_sliding_demand`` (only when ``window_s``) considers windows wholly within the
-    period, and its ``at`` is the window's start like ``max_demand``'s.
+    intervals starting outside the period are left out. Energies are summed exactly (integer micro-units)
+    and given in kWh/kvarh to 6 decimals. ``statuses`` counts every status; "missing" adds the slots of
+    the period with no interval at all to the intervals stored as missing. Demand is in W, rounded to mW;
+    ``max_sliding_demand`` (only when ``window_s``; ``sliding`` from ``sliding_demand``) considers windows
+    wholly within the period, and its ``at`` is the window's start like ``max_demand``'s.
     """
     if interval_s <= 0:
         raise ValueError(f"interval_s must be positive, got {interval_s}")
     begin, end = period
-    chosen = sorted((iv for iv in intervals if begin <= iv.start < end), key=lambda iv: iv.start)
-
-    totals: dict[str, list[float]] = {}
-    by_tariff: dict[str, dict[str, list[float]]] = {}
     statuses = dict.fromkeys(STATUSES, 0)
-    best: tuple[float, int] | None = None  # (W, start) of the highest block demand, the earliest of equals
-    for iv in chosen:
-        for q, kwh in iv.energy.items():
-            totals.setdefault(q, []).append(kwh)
-        if plan is not None:
-            bucket = by_tariff.setdefault(plan.tariff_at(iv.start) or UNTARIFFED, {})
-            for q, kwh in iv.energy.items():
-                bucket.setdefault(q, []).append(kwh)
-        statuses[iv.status] = statuses.get(iv.status, 0) + 1
-        demand = iv.demand
-        if demand is not None and (best is None or demand > best[0]):
-            best = demand, iv.start
-
+    for status, n in sums.statuses.items():
+        statuses[status] = statuses.get(status, 0) + n
     first_slot = -(-begin // interval_s) * interval_s  # the first UTC-aligned start within the period
     slots = max(0, -(-(end - first_slot) // interval_s))
-    statuses[MISSING] += max(0, slots - len({iv.start for iv in chosen}))
+    statuses[MISSING] += max(0, slots - sums.count)
 
-    report: dict[str, Any] = {
-        "meter": meter, "from": iso(begin), "to": iso(end),
-        "energy": _rounded(totals),
-    }
+    out: dict[str, Any] = {"meter": meter, "from": iso(begin), "to": iso(end), "energy": _kwh(sums.energy)}
     if plan is not None:
         order = {name: i for i, name in enumerate((*plan.names, UNTARIFFED))}
-        report["by_tariff"] = {name: _rounded(by_tariff[name])
-                               for name in sorted(by_tariff, key=lambda n: order.get(n, len(order)))}
-    report["max_demand"] = None if best is None else {"w": round(best[0], _W_DIGITS), "at": iso(best[1])}
+        out["by_tariff"] = {name: _kwh(sums.by_tariff[name])
+                            for name in sorted(sums.by_tariff, key=lambda n: order.get(n, len(order)))}
+    best = sums.best
+    out["max_demand"] = None if best is None else {"w": round(best[0], _W_DIGITS), "at": iso(best[1])}
     if window_s:
-        points = sliding_demand(chosen, window_s)
-        if points:
-            at, w = max(points, key=lambda p: p[1])  # max() keeps the first of equals: the earliest
-            report["max_sliding_demand"] = {"w": round(w, _W_DIGITS), "at": iso(at - window_s), "to": iso(at)}
+        if sliding:
+            at, w = max(sliding, key=lambda p: p[1])  # max() keeps the first of equals: the earliest
+            out["max_sliding_demand"] = {"w": round(w, _W_DIGITS), "at": iso(at - window_s), "to": iso(at)}
         else:
-            report["max_sliding_demand"] = None
-    report["statuses"] = statuses
-    report["intervals"] = len(chosen)
-    return report
+            out["max_sliding_demand"] = None
+    out["statuses"] = statuses
+    out["intervals"] = sums.count
+    return out
 
 
-def _rounded(sums: Mapping[str, list[float]]) -> dict[str, float]:
-    # + 0.0 turns the -0.0 that rounding a tiny negative balance gives into 0.0
-    return {q: round(math.fsum(sums[q]), _KWH_DIGITS) + 0.0 for q in _ordered(set(sums))}
+def _kwh(sums: Mapping[str, int]) -> dict[str, float]:
+    # + 0.0 turns the -0.0 of a zero balance into 0.0
+    return {q: round(sums[q] / MICRO, _KWH_DIGITS) + 0.0 for q in _ordered(set(sums))}
 
 
 def interval_record(i: Interval) -> dict:

@@ -117,7 +117,8 @@ async def answer_intervals(energy: EnergySource, params: Mapping[str, str], now:
         raise BadQuery(f"unknown meter {meter!r}: one of {', '.join(names)}" if meter else
                        f"give meter=<name>: one of {', '.join(names)}")
     start, end = time_range(params, tz, (now - 86400, now))
-    rows = await energy.intervals(meter, start, end)
+    detail = params.get("detail", "0") not in ("0", "", "false", "no")
+    rows = await energy.intervals(meter, start, end, detail=detail and params.get("format") != "csv")
     if params.get("format") == "csv":
         return "text/csv; charset=utf-8", intervals_csv(rows)
     body = {"meter": meter, "interval": energy.interval_s, "from": iso(start), "to": iso(end),

@@ -313,8 +313,11 @@ class HttpServer:
                 last[name] = {"end": i.end, "status": i.status,
                               "import_active_energy": _clean(i.energy.get("import_active_energy")),
                               "demand": _clean(i.demand)}
+        live = {v.name: {"formula": v.formula, "quality": v.quality, "time": v.last_good_wall,
+                         "values": {q: _clean(value) for q, value in v.readings()}}
+                for v in self.view.virtual_meters()}
         return {"interval": energy.interval_s, "meters": energy.meter_names(), "virtual": energy.virtual_names(),
-                "last": last,
+                "last": last, "live": live,
                 "alarms": energy.alarm_state()}
 
 

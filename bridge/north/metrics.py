@@ -249,7 +249,16 @@ class BridgeCollector:
                                   labels=labels)
         for name, state_ in sorted(energy.alarm_state().items()):
             alarm.add_metric([name], 1.0 if state_.get("active") else 0.0)
-        yield from (kwh, demand, end, alarm)
+        power = GaugeMetricFamily(f"{PREFIX}_virtual_active_power_watts",
+                                  "A virtual meter's active power now: the sum of its terms' (absent until each "
+                                  "term has been read)", labels=labels)
+        good = GaugeMetricFamily(f"{PREFIX}_virtual_good",
+                                 "1 while every term of the virtual meter is fresh", labels=labels)
+        for v in self.view.virtual_meters():
+            good.add_metric([v.name], 1.0 if v.quality == "good" else 0.0)
+            if "active_power" in v.measurements and (w := v.value("active_power")) is not None:
+                power.add_metric([v.name], w)
+        yield from (kwh, demand, end, alarm, power, good)
 
     def _parts(self) -> Iterator[Metric]:
         listening = GaugeMetricFamily(f"{PREFIX}_listening", "1 while the north side listens", labels=["side"])

@@ -785,7 +785,7 @@ class MqttSide:
             if not behind:
                 continue
             since = min(link.energy_sent[name] for link in behind)  # one read of the store for every link
-            stored = [i for i in await energy.intervals(name, since, last.end) if i.status != MISSING]
+            stored = [i for i in await energy.intervals(name, since, last.end, detail=True) if i.status != MISSING]
             for link in behind:
                 closed = [i for i in stored if i.start >= link.energy_sent[name]]
                 for n, interval in enumerate(closed):

@@ -18,6 +18,11 @@ NodeIds, string identifiers in the bridge's namespace like the meters' own (``<m
                                        Historizing (only where the meter has ImportActiveEnergy)
 ``<virtual>``                          a virtual meter: an object under ``Meters`` with only the property
                                        ``<virtual>.Formula`` (String, as configured) and its ``Energy``
+``<virtual>.ActivePower``              Double, W, live: the sum of its terms' active power (and
+``<virtual>.ReactivePower``            ReactivePower, var, where every term has it); SourceTimestamp the
+                                       oldest term's poll, StatusCode by the worst term's quality as for a
+                                       meter's value (stale: UncertainLastUsableValue, offline:
+                                       BadCommunicationError, never read: BadWaitingForInitialData)
 ``<virtual>.Energy.BalanceAlarm``      Boolean: the balance alarm is up (only with ``alarm:``)
 ``<virtual>.Energy.BalancePercent``    Double, %: the last balance as a signed share of the reference
 =====================================  ==================================================================
@@ -55,6 +60,9 @@ MAX_SLOTS = 10_000  # interval slots one HistoryRead of one node looks at; a lon
 
 _DT = ua.ObjectIds
 _SC = ua.StatusCodes
+LIVE_NODES = {"active_power": ("ActivePower", "W"), "reactive_power": ("ReactivePower", "var")}
+LIVE_STATUS = {"good": ua.StatusCode(_SC.Good), "stale": ua.StatusCode(_SC.UncertainLastUsableValue),
+               "offline": ua.StatusCode(_SC.BadCommunicationError)}  # unread: _WAITING
 STATUS_CODES = {
     COMPLETE: ua.StatusCode(_SC.Good),
     ESTIMATED: ua.StatusCode(_SC.UncertainSubNormal),
@@ -92,6 +100,22 @@ class EnergyNodes:
     shown: Interval | None = None  # the interval shown (by identity)
     shown_alarm: tuple | None = None
     has_alarm: bool = False
+    live: dict[str, NodeData] | None = None  # a virtual meter's live variables, by measurement
+    shown_live: tuple | None = None
+
+    async def show_live(self, values: Mapping[str, float | None], quality: str, ts: float | None,
+                        now: datetime) -> None:
+        """A virtual meter's live values (``VirtualMeterView``), where they changed."""
+        shown = (tuple(values.items()), quality, ts)
+        if not self.live or shown == self.shown_live:
+            return
+        self.shown_live = shown
+        status = LIVE_STATUS.get(quality, _WAITING)
+        source = _utc(ts) if ts is not None else now
+        for q, var in self.live.items():
+            value = values.get(q)
+            await _write(var, _dv(value, ua.VariantType.Double, status if value is not None else _WAITING,
+                                  source, now))
 
     @property
     def virtual(self) -> VirtualMeterConfig | None:
@@ -126,12 +150,21 @@ class EnergyNodes:
 
 
 def build_energy(b: NodeBuilder, meters_folder: ua.NodeId, meter: str, quantities: tuple[str, ...],
-                 virtual: VirtualMeterConfig | None) -> EnergyNodes:
-    """The ``Energy`` object of ``meter`` (whose object exists, unless it is ``virtual``: then its object too)."""
+                 virtual: VirtualMeterConfig | None, live: tuple[str, ...] = ()) -> EnergyNodes:
+    """The ``Energy`` object of ``meter`` (whose object exists, unless it is ``virtual``: then its object too,
+    with the ``live`` measurements)."""
+    live_vars: dict[str, NodeData] = {}
     if virtual is not None:
         root = parent = b.object(meters_folder, meter, meter, f"Virtual meter: {virtual.formula}")
         b.property(parent, f"{meter}.Formula", "Formula", ua.Variant(virtual.formula, ua.VariantType.String),
                    _DT.String)
+        for q in live:
+            name, unit = LIVE_NODES[q]
+            var = b.variable(parent, f"{meter}.{name}", name, _NULL, _DT.Double,
+                             f"{name} now: {virtual.formula}, {unit}", type_def=ANALOG_ITEM_TYPE, status=_WAITING)
+            b.property(var.nodeid, f"{meter}.{name}.EngineeringUnits", "EngineeringUnits",
+                       ua.Variant(eu(unit), ua.VariantType.ExtensionObject), _DT.EUInformation, standard=True)
+            live_vars[q] = var
     else:
         parent = b.nodeid(meter)
     ident = f"{meter}.Energy"
@@ -173,7 +206,8 @@ def build_energy(b: NodeBuilder, meters_folder: ua.NodeId, meter: str, quantitie
         b.property(variables["BalancePercent"].nodeid, f"{ident}.BalancePercent.EngineeringUnits",
                    "EngineeringUnits", ua.Variant(eu("%"), ua.VariantType.ExtensionObject), _DT.EUInformation,
                    standard=True)
-    return EnergyNodes(meter, (quantities, virtual), root, quantities, variables, history, has_alarm=has_alarm)
+    return EnergyNodes(meter, (quantities, virtual, live), root, quantities, variables, history,
+                       has_alarm=has_alarm, live=live_vars)
 
 
 def eu(symbol: str) -> ua.EUInformation:

@@ -41,14 +41,14 @@ from asyncua.server.binary_server_asyncio import BinaryServer
 from bridge import __version__
 from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health, UnitImage
-from bridge.core.model import Config, Measurement, MeterConfig, OpcUaConfig, SegmentConfig
+from bridge.core.model import Config, Measurement, MeterConfig, OpcUaConfig, SegmentConfig, VirtualMeterConfig
 from bridge.core.units import CEFACT_NAMESPACE, unit_for
 from bridge.energy.meters import energy_meters
 from bridge.north.opcua.energy import EnergyHistory, EnergyNodes, build_energy
 from bridge.north.opcua.nodes import ANALOG_ITEM_TYPE, NodeBuilder, Watch, reattach
 from bridge.north.opcua.security import configure_security
 from bridge.north.side import Staged, listen_error
-from bridge.view import BridgeView, NorthStatus
+from bridge.view import BridgeView, NorthStatus, virtual_live
 
 log = logging.getLogger("bridge.opcua")
 
@@ -70,6 +70,15 @@ _GONE = ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown)
 
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def energy_objects(config: Config) -> dict[str, tuple[tuple[str, ...], VirtualMeterConfig | None, tuple[str, ...]]]:
+    """``energy_meters`` with, for a virtual meter, what it has live (``virtual_live``): what each
+    ``Energy`` object (and virtual meter) is built from, and built anew when it changes."""
+    meters = {m.name: m for m in config.meters}
+    return {name: (quantities, virtual,
+                   virtual_live([meters[t] for _, t in virtual.terms]) if virtual is not None else ())
+            for name, (quantities, virtual) in energy_meters(config).items()}
 
 
 @dataclass
@@ -506,9 +515,9 @@ class OpcUaServer:
                 if meter.name not in space.meters:
                     self._add_meter(space, b, meter, seg)
         space.index(config)
-        for name, (quantities, virtual) in energy_meters(config).items():
+        for name, (quantities, virtual, live) in energy_objects(config).items():
             if name not in space.energy:
-                space.energy[name] = build_energy(b, space.meters_folder, name, quantities, virtual)
+                space.energy[name] = build_energy(b, space.meters_folder, name, quantities, virtual, live)
         space.history.clear()
         space.history.update({nid: (nodes.meter, key) for nodes in space.energy.values()
                               for nid, key in nodes.history.items()})
@@ -577,7 +586,7 @@ class OpcUaServer:
                 del space.meters[name]
         # energy objects: those of removed meters go with them; the others when what they show changed
         # (the meter's energy quantities, a virtual meter's formula or alarm, energy switched off)
-        energy = energy_meters(config)
+        energy = energy_objects(config)
         for name, nodes in list(space.energy.items()):
             if nodes.virtual is None and name not in space.meters:
                 del space.energy[name]  # removed with its meter's subtree
@@ -755,6 +764,10 @@ class OpcUaServer:
         alarms = energy.alarm_state()
         for name, nodes in list(space.energy.items()):
             await nodes.show(energy.last(name), alarms.get(name), now)
+        for v in self.view.virtual_meters():
+            nodes = space.energy.get(v.name)
+            if nodes is not None:
+                await nodes.show_live(dict(v.readings()), v.quality, v.last_good_wall, now)
 
     async def _set(self, counters: _Counters | None, values: dict[str, object], now: datetime) -> None:
         if counters is None:
