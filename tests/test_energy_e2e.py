@@ -83,8 +83,9 @@ async def test_intervals_follow_the_rates_and_the_balance_shows_the_unmetered_lo
             assert not any("boundaries" in i or "evidence" in i for i in plain["intervals"])  # only when asked
             doc = await api(port, "/api/energy?meter=incomer&detail=1")
             assert doc["interval"] == SECONDS
-            assert [(i["start"], i.get("import_active_energy")) for i in plain["intervals"][:3]] == \
-                [(i["start"], i.get("import_active_energy")) for i in doc["intervals"][:3]]
+            same = {i["start"]: i.get("import_active_energy") for i in plain["intervals"]}
+            detailed = {i["start"]: i.get("import_active_energy") for i in doc["intervals"] if i["start"] in same}
+            assert len(detailed) >= 3 and detailed == {k: same[k] for k in detailed}
             closed = [i for i in doc["intervals"] if i["status"] != "missing"]
             assert len(closed) >= 3
             for i in closed[1:]:  # the first may have begun before the counters moved
@@ -108,7 +109,11 @@ async def test_intervals_follow_the_rates_and_the_balance_shows_the_unmetered_lo
             status = h.app.view.north()["energy"]
             assert status.by_label["alarm"]["unmetered"] == 1.0
             # live: the virtual meter's power now is the sum of its terms' (36 - 9 - 18 kW), beside the meters
-            live = (await api(port, "/status.json"))["energy"]["live"]["unmetered"]
+            for _ in range(50):  # good once every term is (stale_after is 1 s here: a busy machine flickers)
+                live = (await api(port, "/status.json"))["energy"]["live"]["unmetered"]
+                if live["quality"] == "good":
+                    break
+                await asyncio.sleep(0.1)
             assert live["quality"] == "good" and live["formula"] == "incomer - lighting - sockets"
             assert live["values"]["active_power"] == pytest.approx(9000.0)
             metrics = scrape_families((await request(port, "/metrics"))[2])

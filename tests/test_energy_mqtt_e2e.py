@@ -78,8 +78,14 @@ async def test_closed_intervals_go_out_as_json_and_sparkplug_and_survive_a_broke
             assert {"Energy/import_active_energy", "Energy/Demand", "Energy/Status"} <= set(metrics)
             assert metrics["Energy/Demand"]["value"] == pytest.approx(36000.0, rel=0.1)
             assert end_ms % (SECONDS * 1000) == 0  # timestamped with the interval's end, a boundary
-            # the virtual meter has a JSON topic too
+            # the virtual meter has a JSON topic too, and a live state like a meter's: the sum of its terms'
+            # power now (36 - 9 - 18 kW), good while they all are
             assert json_intervals(sub.messages, "unmetered")
+            await sub.wait_for(lambda ms: any(m["topic"] == f"{TOPIC}/unmetered" and m["payload"]
+                                              and json.loads(m["payload"])["status"] == "good" for m in ms),
+                               what="the virtual meter's live state")
+            live = [json.loads(m["payload"]) for m in sub.messages if m["topic"] == f"{TOPIC}/unmetered" and m["payload"]]
+            assert live[-1]["values"]["active_power"] == pytest.approx(9000.0) and live[-1]["ts"] > 0
 
             # an outage: every interval closed meanwhile arrives once the broker is back
             broker.kill()

@@ -482,3 +482,19 @@ def test_retired_clears_what_a_previous_configuration_left_retained():
     assert "mb/panel-7/a" not in {p.topic for p in off}
     moved = topics(meter("a"), topic="mb/panel-8").retired(topics(meter("a")))
     assert {p.topic for p in moved} == {"mb/panel-7/status", "mb/panel-7/a"}
+
+
+def test_a_virtual_meter_has_a_state_topic_of_its_own_and_a_reload_that_drops_it_clears_it():
+    cfg = MqttJsonConfig("mb/panel-7", 60.0, True)
+    with_virtual = JsonTopics(cfg, (meter("a"),), "panel-7", virtual=("unmetered",))
+    power = next(m for m in SDM120.measurements if m.name == "active_power")
+    (state,) = with_virtual.sample(MeterSample("unmetered", "stale", TS, ((power, -250.5),)), 0.0)
+    assert (state.topic, state.retain, body(state)) == (
+        "mb/panel-7/unmetered", True, {"ts": TS, "status": "stale", "values": {"active_power": -250.5}})
+    assert with_virtual.current() == [state]  # what a new connection publishes first
+    assert not any("unmetered" in topic for topic, _ in with_virtual.discovery_configs())  # no HA entities
+    without = JsonTopics(cfg, (meter("a"),), "panel-7")
+    assert without.sample(MeterSample("unmetered", "good", TS, ((power, 1.0),)), 0.0) == []
+    assert [p.topic for p in without.retired(with_virtual)] == ["mb/panel-7/unmetered"]
+    with pytest.raises(ValueError, match="bridge's status topic"):
+        JsonTopics(cfg, (meter("a"),), "panel-7", virtual=("status",))

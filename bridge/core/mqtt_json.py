@@ -221,8 +221,9 @@ class JsonTopics:
     """
 
     def __init__(self, cfg: MqttJsonConfig, meters: Sequence[MeterConfig], bridge_id: str, *,
-                 sw_version: str = ""):
+                 sw_version: str = "", virtual: Sequence[str] = ()):
         self.cfg = cfg
+        self.virtual = tuple(virtual)  # virtual meters (energy.virtual): a state topic each, no discovery
         self.meters: dict[str, MeterConfig] = {}
         for meter in meters:
             if meter.name in self.meters:
@@ -230,7 +231,7 @@ class JsonTopics:
             self.meters[meter.name] = meter
         check_topic(cfg.topic)
         self.availability_topic = f"{cfg.topic}/status"
-        for name in self.meters:
+        for name in (*self.meters, *self.virtual):
             if f"{cfg.topic}/{name}" == self.availability_topic:
                 raise ValueError(f"a meter named {name!r} would publish on the bridge's status topic "
                                  f"{self.availability_topic!r}")
@@ -282,7 +283,7 @@ class JsonTopics:
         """The state message for one meter's poll or change of health, if it is to be sent now.
 
         Unknown meters (not in this configuration, e.g. during a reload) are ignored."""
-        if s.name not in self.meters:
+        if s.name not in self.meters and s.name not in self.virtual:
             return []
         status = QUALITY_STATUS.get(s.quality)
         if status is None:
@@ -393,7 +394,7 @@ class JsonTopics:
     def retained_topics(self) -> list[str]:
         """Every topic this configuration leaves a retained message on."""
         return ([topic for topic, _ in self.discovery_configs()]
-                + [self.availability_topic] + [self.state_topic(name) for name in self.meters])
+                + [self.availability_topic] + [self.state_topic(name) for name in (*self.meters, *self.virtual)])
 
     def retired(self, previous: JsonTopics) -> list[Publish]:
         """After a reload: empty retained messages clearing what ``previous`` published and this

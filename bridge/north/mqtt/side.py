@@ -37,7 +37,7 @@ from bridge.core.mqtt_json import JsonTopics
 from bridge.core.mqtt_types import MeterSample, Publish
 from bridge.core import sparkplug_b_pb2 as pb
 from bridge.core.sparkplug import EdgeNode, IntervalSample
-from bridge.energy.meters import quantities_of
+from bridge.energy.meters import energy_meters, quantities_of
 from bridge.energy.report import interval_record
 from bridge.energy.types import MISSING
 from bridge.north.mqtt.queue import DiskQueue
@@ -66,6 +66,15 @@ def sample_of(view_meter) -> MeterSample:
     stamp = view_meter.last_good_wall
     return MeterSample(view_meter.name, view_meter.quality, None if stamp is None else int(stamp * 1000),
                        tuple(view_meter.readings()))
+
+
+def virtual_sample(v) -> MeterSample:
+    """A virtual meter (``VirtualMeterView``) as a sample: its live values under its first term's
+    measurements of the same names (their unit and digits)."""
+    stamp = v.last_good_wall
+    first = {m.name: m for m in v.terms[0][1].meter.profile.measurements}
+    return MeterSample(v.name, v.quality, None if stamp is None else int(stamp * 1000),
+                       tuple((first[q], value) for q, value in v.readings()))
 
 
 class BdSeq:
@@ -594,7 +603,7 @@ class MqttSide:
             self.links.append(SparkplugLink(self, EdgeNode(cfg.sparkplug, meters, energy), cfg.client_id))
         if cfg.json is not None:
             suffix = "-json" if cfg.sparkplug is not None else ""
-            topics = JsonTopics(cfg.json, meters, cfg.client_id, sw_version=__version__)
+            topics = JsonTopics(cfg.json, meters, cfg.client_id, sw_version=__version__, virtual=_virtual(config))
             self.links.append(JsonLink(self, topics, cfg.client_id + suffix))
         self.bdseq = BdSeq(Path(config.state_dir or ".") / BDSEQ_FILE)
         self._units = {m.unit for m in meters}
@@ -634,7 +643,8 @@ class MqttSide:
                 await asyncio.gather(*tasks, restart, return_exceptions=True)
 
     async def stage(self, config: Config) -> Staged:
-        if config.mqtt == self.cfg and config.meters == self.config.meters and config.state_dir == self.config.state_dir:
+        if (config.mqtt == self.cfg and config.meters == self.config.meters and config.state_dir == self.config.state_dir
+                and _virtual(config) == _virtual(self.config)):
             async def keep() -> None:
                 self.config = config
                 self._views = None  # a meter whose bus changed has a new unit in the image
@@ -761,8 +771,11 @@ class MqttSide:
             if time.monotonic() >= next_periodic:
                 next_periodic = time.monotonic() + 1.0
                 self._views = None  # built again once a second at most
+                virtual = [virtual_sample(v) for v in self.view.virtual_meters()]
                 for link in self.links:
                     if isinstance(link, JsonLink):
+                        for sample in virtual:  # the sum of the terms' values now: once a second, when changed
+                            link.offer(link.topics.sample(sample, now))
                         link.offer(link.topics.due(now))
                     elif isinstance(link, SparkplugLink):
                         link.node_figures_due()
@@ -859,6 +872,11 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def _virtual(config: Config) -> list[str]:
+    """The virtual meters with intervals: each has a JSON state topic of its own."""
+    return [name for name, (_, v) in energy_meters(config).items() if v is not None]
 
 
 def _now_ms() -> int:
