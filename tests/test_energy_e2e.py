@@ -170,6 +170,23 @@ async def test_offline_across_boundaries_is_estimated_and_conserved_and_a_replac
             task.cancel()
 
 
+async def test_a_meter_without_load_closes_every_interval_complete_with_zero_energy(tmp_path):
+    """Counters that do not move (an idle tenant at night) change nothing in the image, so its listeners
+    hear nothing after the first poll; the intervals must close on time all the same, complete and 0 kWh,
+    not later and estimated as if the meter had been away."""
+    layout = {"a": [MeterSpec("idle", 1, 11, animate=False)]}
+    began = int(time.time())
+    async with running_bridge(layout, energy=EnergyConfig(seconds=SECONDS, max_gap=1.5),
+                              state_dir=str(tmp_path)) as h:
+        recorder = h.app.north["energy"]
+        await until(lambda: recorder.closed_total >= 4, timeout=10, what="four intervals closed")
+        rows = await recorder.intervals("idle", began - 5, int(time.time()) + 1)
+        closed = [i for i in rows if i.status != "missing"][1:]  # the first began before the first poll
+        assert len(closed) >= 3
+        assert all(i.status == "complete" and i.energy["import_active_energy"] == 0.0 for i in closed), closed
+        assert time.time() - closed[-1].end < 2 * SECONDS + 1.0  # on time, not when something next changes
+
+
 # ---------------------------------------------------------------------------------- a real process
 
 # `modbus-bridge run`, but with the test's interval length (the file can only say minutes)

@@ -37,6 +37,8 @@ from bridge.view import BridgeView, NorthStatus
 log = logging.getLogger("bridge.energy")
 
 TICK = 0.25  # seconds between two looks at the meters that polled
+SWEEP = 1.0  # seconds between two looks at every meter: a meter whose values do not change (no load, so
+# no energy counted) tells the image's listeners nothing, yet each of its polls is a reading
 FLUSH = 1.0  # seconds a closed interval may wait before it is written
 STATE_EVERY = 10.0  # seconds between two writes of the open states (what a kill -9 can cost)
 PRUNE_EVERY = 6 * 3600.0  # seconds between two retention passes
@@ -126,15 +128,18 @@ class EnergyRecorder:
 
     async def run(self) -> None:
         next_prune = 0.0
-        last_flush = time.monotonic()
+        last_flush = last_sweep = time.monotonic()
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TICK):
                     await self._wake.wait()
             await asyncio.sleep(TICK)  # gather the polls that end together
             self._wake.clear()
-            self._take_readings()
             now = time.monotonic()
+            if now - last_sweep >= SWEEP:
+                last_sweep = now
+                self._dirty.update(self.units)
+            self._take_readings()
             if (self._closed and now - last_flush >= FLUSH) or now - self._states_written >= STATE_EVERY:
                 await self.flush()
                 last_flush = now
