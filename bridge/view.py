@@ -154,12 +154,15 @@ class VirtualMeterView:
     Its quality is the worst of its terms' and its time the oldest of theirs: a sum is only as good
     and as recent as its weakest term."""
 
-    __slots__ = ("cfg", "terms", "measurements")
+    __slots__ = ("cfg", "terms", "measurements", "_parts")
 
     def __init__(self, cfg: VirtualMeterConfig, terms: Sequence[tuple[int, MeterView]]):
         self.cfg = cfg
         self.terms = tuple(terms)
         self.measurements = virtual_live([mv.meter for _, mv in self.terms])
+        # each live measurement: every term's own Measurement of that name, found once
+        self._parts = {q: [(sign, mv, next(m for m in mv.meter.profile.measurements if m.name == q))
+                           for sign, mv in self.terms] for q in self.measurements}
 
     name = property(lambda self: self.cfg.name)
     formula = property(lambda self: self.cfg.formula)
@@ -176,16 +179,16 @@ class VirtualMeterView:
     def value(self, name: str) -> float | None:
         """Σ sign × the terms' last values of ``name`` (kept while stale, like a meter's); None if one has none."""
         total = 0.0
-        for sign, mv in self.terms:
-            m = next(m for m in mv.meter.profile.measurements if m.name == name)
+        for sign, mv, m in self._parts[name]:
             v = mv.value(m)
             if v is None:
                 return None
             total += sign * v
         return total
 
-    def readings(self) -> list[tuple[str, float | None]]:
-        return [(q, self.value(q)) for q in self.measurements]
+    def readings(self) -> list[tuple[Measurement, float | None]]:
+        """Like a meter's: each live value under its first term's Measurement (its name, unit and digits)."""
+        return [(parts[0][2], self.value(q)) for q, parts in self._parts.items()]
 
 
 class SegmentView:

@@ -314,7 +314,7 @@ class HttpServer:
                               "import_active_energy": _clean(i.energy.get("import_active_energy")),
                               "demand": _clean(i.demand)}
         live = {v.name: {"formula": v.formula, "quality": v.quality, "time": v.last_good_wall,
-                         "values": {q: _clean(value) for q, value in v.readings()}}
+                         "values": {m.name: _clean(value) for m, value in v.readings()}}
                 for v in self.view.virtual_meters()}
         return {"interval": energy.interval_s, "meters": energy.meter_names(), "virtual": energy.virtual_names(),
                 "last": last, "live": live,

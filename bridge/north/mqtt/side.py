@@ -63,18 +63,10 @@ BDSEQ_FILE = "sparkplug-bdseq"
 
 
 def sample_of(view_meter) -> MeterSample:
+    """A meter (``MeterView``) or a virtual meter (``VirtualMeterView``) as the flavours take it."""
     stamp = view_meter.last_good_wall
     return MeterSample(view_meter.name, view_meter.quality, None if stamp is None else int(stamp * 1000),
                        tuple(view_meter.readings()))
-
-
-def virtual_sample(v) -> MeterSample:
-    """A virtual meter (``VirtualMeterView``) as a sample: its live values under its first term's
-    measurements of the same names (their unit and digits)."""
-    stamp = v.last_good_wall
-    first = {m.name: m for m in v.terms[0][1].meter.profile.measurements}
-    return MeterSample(v.name, v.quality, None if stamp is None else int(stamp * 1000),
-                       tuple((first[q], value) for q, value in v.readings()))
 
 
 class BdSeq:
@@ -771,7 +763,7 @@ class MqttSide:
             if time.monotonic() >= next_periodic:
                 next_periodic = time.monotonic() + 1.0
                 self._views = None  # built again once a second at most
-                virtual = [virtual_sample(v) for v in self.view.virtual_meters()]
+                virtual = [sample_of(v) for v in self.view.virtual_meters()]
                 for link in self.links:
                     if isinstance(link, JsonLink):
                         for sample in virtual:  # the sum of the terms' values now: once a second, when changed

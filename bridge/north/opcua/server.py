@@ -767,7 +767,7 @@ class OpcUaServer:
         for v in self.view.virtual_meters():
             nodes = space.energy.get(v.name)
             if nodes is not None:
-                await nodes.show_live(dict(v.readings()), v.quality, v.last_good_wall, now)
+                await nodes.show_live({m.name: value for m, value in v.readings()}, v.quality, v.last_good_wall, now)
 
     async def _set(self, counters: _Counters | None, values: dict[str, object], now: datetime) -> None:
         if counters is None:
