@@ -149,6 +149,12 @@ def virtual_live(terms: Sequence[MeterConfig]) -> tuple[str, ...]:
     return tuple(q for q in VIRTUAL_LIVE if have and all(q in h for h in have))
 
 
+def virtual_measurements(terms: Sequence[MeterConfig]) -> tuple[Measurement, ...]:
+    """The live measurements of a virtual meter over ``terms``, each its first term's (name, unit, digits)."""
+    first = {m.name: m for m in terms[0].profile.measurements} if terms else {}
+    return tuple(first[q] for q in virtual_live(terms))
+
+
 class VirtualMeterView:
     """A virtual meter (``energy.virtual``) read live: Σ sign × its terms' values of ``VIRTUAL_LIVE``.
     Its quality is the worst of its terms' and its time the oldest of theirs: a sum is only as good

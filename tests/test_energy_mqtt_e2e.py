@@ -111,3 +111,46 @@ async def test_closed_intervals_go_out_as_json_and_sparkplug_and_survive_a_broke
             assert historical, "the outage's intervals were not flagged historical"
         finally:
             task.cancel()
+
+
+def device_messages(messages: list[dict], device: str, kind: str) -> list[dict]:
+    return [m for m in messages if m["topic"] == f"spBv1.0/site/{kind}/panel-7/{device}"]
+
+
+async def test_a_virtual_meter_is_a_sparkplug_device_born_fed_and_dead_like_a_meter(broker, tmp_path):
+    """The virtual meter ``unmetered`` (incomer - lighting - sockets) as a device: a DBIRTH with its live
+    active power (engUnit W) and its Energy/ metrics, DDATA of its closed intervals, a DDEATH when a term
+    goes offline and a new DBIRTH when it answers again (tck-id-topics-dbirth-*, tck-id-payloads-ddeath-*:
+    a device that cannot be read is dead, as a meter's is)."""
+    async with Subscriber(broker.url, "spBv1.0/site/#") as sub, \
+            running_bridge(LAYOUT, mqtt=config(broker), energy=ENERGY, state_dir=str(tmp_path)) as h:
+        task = asyncio.create_task(Counters(h.sims, RATES).run())
+        try:
+            await sub.wait_for(lambda ms: device_messages(ms, "unmetered", "DBIRTH"), what="the virtual DBIRTH")
+            birth = device_messages(sub.messages, "unmetered", "DBIRTH")[-1]["payload"]["metrics"]
+            names = {x["name"]: x for x in birth}
+            assert {"active_power", "Energy/import_active_energy", "Energy/Demand", "Energy/Status"} <= set(names)
+            assert names["active_power"]["properties"]["engUnit"]["value"] == "W"
+            # its value arrives (in the birth if the terms were all read by then, else as DDATA by alias)
+            aliases = {x["alias"]: x["name"] for x in birth if "alias" in x}
+
+            def live_power(ms):
+                for m in device_messages(ms, "unmetered", "DBIRTH") + device_messages(ms, "unmetered", "DDATA"):
+                    for x in m["payload"]["metrics"]:
+                        if (x.get("name") or aliases.get(x.get("alias"))) == "active_power" and x.get("value") is not None:
+                            yield x["value"]
+            await sub.wait_for(lambda ms: pytest.approx(9000.0) in list(live_power(ms)), what="9 kW unmetered")
+            await sub.wait_for(lambda ms: len(sparkplug_intervals(ms, "unmetered")) >= 2, timeout=15,
+                               what="the virtual meter's intervals")
+            metrics = sparkplug_intervals(sub.messages, "unmetered")[max(sparkplug_intervals(sub.messages, "unmetered"))]
+            assert metrics["Energy/Demand"]["value"] == pytest.approx(9000.0, rel=0.15)
+
+            # a term goes offline: the virtual device dies with it; it is born again when the term is back
+            h.sims["sockets"].faults.silent = True
+            await sub.wait_for(lambda ms: device_messages(ms, "unmetered", "DDEATH"), timeout=15, what="DDEATH")
+            births = len(device_messages(sub.messages, "unmetered", "DBIRTH"))
+            h.sims["sockets"].faults.silent = False
+            await sub.wait_for(lambda ms: len(device_messages(ms, "unmetered", "DBIRTH")) > births, timeout=15,
+                               what="the DBIRTH after the term is back")
+        finally:
+            task.cancel()

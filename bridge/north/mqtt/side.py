@@ -22,6 +22,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
@@ -32,17 +33,17 @@ from bridge import __version__
 from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health
 from bridge.config.loader import parse_broker
-from bridge.core.model import Config, MqttConfig
+from bridge.core.model import Config, Measurement, MqttConfig
 from bridge.core.mqtt_json import JsonTopics
 from bridge.core.mqtt_types import MeterSample, Publish
 from bridge.core import sparkplug_b_pb2 as pb
 from bridge.core.sparkplug import EdgeNode, IntervalSample
-from bridge.energy.meters import energy_meters, quantities_of
+from bridge.energy.meters import energy_meters
 from bridge.energy.report import interval_record
 from bridge.energy.types import MISSING
 from bridge.north.mqtt.queue import DiskQueue
 from bridge.north.side import Staged
-from bridge.view import BridgeView, NorthStatus
+from bridge.view import BridgeView, NorthStatus, virtual_measurements
 
 log = logging.getLogger("bridge.mqtt")
 
@@ -589,17 +590,20 @@ class MqttSide:
         cfg = config.mqtt
         self.config, self.cfg = config, cfg
         meters = config.meters
+        virtual = _virtual(config)
         self.links = []
-        energy = {m.name: quantities_of(m) for m in meters} if config.energy is not None else {}
-        if cfg.sparkplug is not None:
-            self.links.append(SparkplugLink(self, EdgeNode(cfg.sparkplug, meters, energy), cfg.client_id))
+        energy = _energy_of(config)
+        if cfg.sparkplug is not None:  # a virtual meter is a device like a meter
+            self.links.append(SparkplugLink(self, EdgeNode(cfg.sparkplug, [*meters, *virtual], energy), cfg.client_id))
         if cfg.json is not None:
             suffix = "-json" if cfg.sparkplug is not None else ""
-            topics = JsonTopics(cfg.json, meters, cfg.client_id, sw_version=__version__, virtual=_virtual(config))
+            topics = JsonTopics(cfg.json, meters, cfg.client_id, sw_version=__version__,
+                                virtual=[v.name for v in virtual])
             self.links.append(JsonLink(self, topics, cfg.client_id + suffix))
         self.bdseq = BdSeq(Path(config.state_dir or ".") / BDSEQ_FILE)
         self._units = {m.unit for m in meters}
-        self.meters_by_name = {m.name: m for m in meters}
+        self.meters_by_name = {m.name: m for m in (*meters, *virtual)}
+        self._virtual_fed: dict[str, tuple] = {}  # virtual meter -> (quality, values) last given to Sparkplug
         self._views: dict[int, object] | None = None  # after a reload the image's units are new ones
 
     # ------------------------------------------------------------ lifecycle
@@ -636,7 +640,7 @@ class MqttSide:
 
     async def stage(self, config: Config) -> Staged:
         if (config.mqtt == self.cfg and config.meters == self.config.meters and config.state_dir == self.config.state_dir
-                and _virtual(config) == _virtual(self.config)):
+                and _virtual(config) == _virtual(self.config) and _energy_of(config) == _energy_of(self.config)):
             async def keep() -> None:
                 self.config = config
                 self._views = None  # a meter whose bus changed has a new unit in the image
@@ -724,7 +728,9 @@ class MqttSide:
         return self._views
 
     def samples(self) -> list[MeterSample]:
-        return [sample_of(mv) for mv in self.view.meters() if mv.unit in self._units]
+        """Every meter's and virtual meter's state now (for the births)."""
+        return ([sample_of(mv) for mv in self.view.meters() if mv.unit in self._units]
+                + [sample_of(v) for v in self.view.virtual_meters() if v.name in self.meters_by_name])
 
     def node_metrics(self) -> dict[str, tuple[object, int]]:
         """The bridge's own health as Sparkplug node metrics: each segment's bus at a glance."""
@@ -763,13 +769,18 @@ class MqttSide:
             if time.monotonic() >= next_periodic:
                 next_periodic = time.monotonic() + 1.0
                 self._views = None  # built again once a second at most
-                virtual = [sample_of(v) for v in self.view.virtual_meters()]
+                virtual = [sample_of(v) for v in self.view.virtual_meters() if v.name in self.meters_by_name]
                 for link in self.links:
                     if isinstance(link, JsonLink):
                         for sample in virtual:  # the sum of the terms' values now: once a second, when changed
                             link.offer(link.topics.sample(sample, now))
                         link.offer(link.topics.due(now))
                     elif isinstance(link, SparkplugLink):
+                        for sample in virtual:  # only when it changed: no new time alone fills the history
+                            state = (sample.quality, tuple(v for _, v in sample.values))
+                            if self._virtual_fed.get(sample.name) != state:
+                                self._virtual_fed[sample.name] = state
+                                link.take(sample)
                         link.node_figures_due()
                 await self._energy_intervals()
 
@@ -866,9 +877,28 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
-def _virtual(config: Config) -> list[str]:
-    """The virtual meters with intervals: each has a JSON state topic of its own."""
-    return [name for name, (_, v) in energy_meters(config).items() if v is not None]
+@dataclass(frozen=True)
+class _LiveProfile:
+    measurements: tuple[Measurement, ...]
+
+
+@dataclass(frozen=True)
+class VirtualDevice:
+    """A virtual meter as the flavours take it: a name and its live measurements (``view.virtual_live``)."""
+    name: str
+    profile: _LiveProfile
+
+
+def _virtual(config: Config) -> list[VirtualDevice]:
+    """The virtual meters with intervals: each a Sparkplug device and a JSON state topic of its own."""
+    meters = {m.name: m for m in config.meters}
+    return [VirtualDevice(name, _LiveProfile(virtual_measurements([meters[t] for _, t in v.terms])))
+            for name, (_, v) in energy_meters(config).items() if v is not None]
+
+
+def _energy_of(config: Config) -> dict[str, tuple[str, ...]]:
+    """Meter or virtual meter -> the quantities of its intervals (its Sparkplug ``Energy/`` metrics)."""
+    return {name: quantities for name, (quantities, _) in energy_meters(config).items()}
 
 
 def _now_ms() -> int:
