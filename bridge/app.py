@@ -67,7 +67,9 @@ class App:
         """The north sides ``config`` enables, each with how to build it."""
         sides: dict[str, Callable[[], NorthSide]] = {}
         if config.modbus_tcp.enabled:
-            sides["modbus_tcp"] = lambda: ModbusTcpServer(self.image, self._route_write, config.modbus_tcp, config.meters)
+            sides["modbus_tcp"] = lambda: ModbusTcpServer(
+                self.image, self._route_write, config.modbus_tcp, config.meters,
+                config.energy.virtual if config.energy is not None else (), self._last_interval)
         if config.opcua.enabled:
             sides["opcua"] = lambda: OpcUaServer(config, self.view)
         if config.http is not None:
@@ -81,6 +83,11 @@ class App:
 
             sides["energy"] = lambda: EnergyRecorder(config, self.view)
         return sides
+
+    def _last_interval(self, meter: str):
+        """A meter's (or virtual meter's) last closed energy interval, None while there is none."""
+        energy = self.view.energy
+        return None if energy is None else energy.last(meter)
 
     async def _route_write(self, unit: int, request: P.WriteRequest) -> bytes:
         seg = next((s for s in self.segments.values() if unit in s.meters), None)

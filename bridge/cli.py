@@ -414,6 +414,15 @@ def _points_markdown(config, rows: list[dict]) -> str:
                                f"{r['reference']} | {r['type']} | {r['word_order']} | {r['scale']:g} | "
                                f"{r['unit']} | `{r['nodeid']}` |")
             out.append("")
+    for name in dict.fromkeys(r["meter"] for r in rows if r["segment"] == "(virtual)"):
+        mine = [r for r in rows if r["meter"] == name and r["segment"] == "(virtual)"]
+        out += [f"## {name}: unit {mine[0]['unit_id']} (virtual meter)", "",
+                f"`{next(v.formula for v in config.energy.virtual if v.name == name)}`: live power, then its last closed interval "
+                "(FC3 and FC4 alike; docs/modbus.md).", "",
+                "| value | address | reference | type | unit | OPC UA NodeId |", "|---|---:|---|---|---|---|"]
+        out += [f"| {r['measurement']} | {r['address']} | {r['reference']} | {r['type']} | {r['unit']} | `{r['nodeid']}` |"
+                for r in mine]
+        out.append("")
     return "\n".join(out)
 
 

@@ -21,6 +21,7 @@ DEMO_LAYOUT = {
 }
 INCOMER, SUBMETERS = "incomer", ("hvac", "lighting", "sockets")  # the incomer feeds the others …
 UNMETERED_W = 400.0  # … and a load no sub-meter sees: what the energy balance must show
+UNMETERED_UNIT = 100  # the virtual meter ``unmetered`` on Modbus TCP
 
 
 def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, http_port: int = 8080,
@@ -59,6 +60,7 @@ def demo_config_text(ports: dict[str, str], modbus_port: int, opcua_port: int, h
         "    - name: unmetered",
         f"      formula: {INCOMER} - {' - '.join(SUBMETERS)}",
         f"      alarm: {{reference: {INCOMER}, above_percent: 10, intervals: 3}}",
+        f"      unit: {UNMETERED_UNIT}  # its live power and last interval on Modbus TCP (docs/modbus.md)",
     ]
     if mqtt:  # a broker the user runs: the demo starts none
         lines += [

@@ -136,3 +136,23 @@ def test_points_name_the_sparkplug_metric_and_json_path(tmp_path):
     assert voltage["sparkplug"] == "spBv1.0/site-a/DDATA/panel-7/incomer : voltage"
     assert voltage["json"] == "site-a/panel-7/incomer : values.voltage"
     assert all(r["sparkplug"] and r["json"] for r in rows)
+
+
+def test_points_list_a_virtual_meters_unit(tmp_path):
+    from bridge.config.loader import load_config
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "segments:\n  - name: a\n    port: /dev/ttyS0\n    meters:\n"
+        "      - {name: main, slave: 1, profile: eastron-sdm120}\n"
+        "      - {name: pump, slave: 2, profile: eastron-sdm120}\n"
+        "energy:\n  virtual:\n    - {name: rest, formula: main - pump, unit: 90}\n"
+    )
+    rows = {r["measurement"]: r for r in points_rows(load_config(path)) if r["unit_id"] == 90}
+    assert rows["active_power"]["address"] == 0 and rows["active_power"]["type"] == "float32"
+    assert rows["active_power"]["nodeid"] == "nsu=urn:modbus-bridge;s=rest.ActivePower"
+    assert "reactive_power" in rows  # the SDM120 has it
+    assert rows["import_active_energy"]["address"] == 4 and rows["import_active_energy"]["unit"] == "kWh"
+    assert rows["import_active_energy"]["nodeid"] == "nsu=urn:modbus-bridge;s=rest.Energy.ImportActiveEnergy"
+    assert (rows["demand"]["address"], rows["interval_end"]["address"], rows["interval_status"]["address"]) == (16, 18, 20)
+    assert (rows["interval_status"]["type"], rows["interval_status"]["registers"]) == ("uint16", 1)

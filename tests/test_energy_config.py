@@ -48,6 +48,16 @@ energy:
     assert "energy: 15-minute intervals, Europe/Berlin" in summary(config)
 
 
+def test_a_virtual_meter_may_have_a_unit_of_its_own(tmp_path):
+    config = load_config(write(tmp_path, METERS + """
+energy:
+  virtual:
+    - {name: unmetered, formula: incomer - sockets, unit: 90}
+    - {name: rest, formula: incomer - lighting-1}
+"""))
+    assert [(v.name, v.unit) for v in config.energy.virtual] == [("unmetered", 90), ("rest", None)]
+
+
 def test_absent_is_off_and_empty_is_all_defaults(tmp_path):
     assert load_config(write(tmp_path, METERS)).energy is None
     assert load_config(write(tmp_path, METERS + "energy:\n")).energy == EnergyConfig()
@@ -71,6 +81,15 @@ def test_absent_is_off_and_empty_is_all_defaults(tmp_path):
      12, "energy.virtual[0].alarm.reference", "main"),
     ("energy:\n  virtual:\n    - name: rest\n      formula: incomer - sockets\n      alarm: {reference: incomer, above_percent: 0}\n",
      12, "energy.virtual[0].alarm.above_percent", ""),
+    # a virtual meter's own Modbus TCP unit: free across the bridge (here the default unit of incomer: slave 1)
+    ("energy:\n  virtual:\n    - name: rest\n      formula: incomer - sockets\n      unit: 1\n", 12,
+     "energy.virtual[0].unit", "unit 1 is already used by meter 'incomer' (line 5)"),
+    ("energy:\n  virtual:\n    - {name: r1, formula: incomer - sockets, unit: 90}\n"
+     "    - {name: r2, formula: incomer - sockets, unit: 90}\n", 11, "energy.virtual[1].unit",
+     "unit 90 is already used by meter 'r1' (line 10)"),
+    ("energy:\n  virtual:\n    - {name: rest, formula: incomer - sockets, unit: 248}\n", 10, "energy.virtual[0].unit", "247"),
+    ("modbus_tcp:\n  consolidated: {unit: 90}\nenergy:\n  virtual:\n    - {name: rest, formula: incomer - sockets, unit: 90}\n",
+     9, "modbus_tcp.consolidated.unit", "unit 90 is already used by meter 'rest' (line 12)"),
 ])
 def test_each_mistake_is_one_issue_at_its_line_and_key(tmp_path, section, line, key, words):
     issue = one_issue(tmp_path, METERS + section)

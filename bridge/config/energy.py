@@ -60,6 +60,7 @@ VIRTUAL_SCHEMA: dict[str, Field] = {
     "name": Field(text(r"[A-Za-z0-9_-]+", "use letters, digits, '-' and '_'")),
     "formula": Field(text()),
     "alarm": Field(record_of(ALARM_SCHEMA), None),
+    "unit": Field(integer(1, 247), None),  # a Modbus TCP unit of its own (docs/modbus.md); None: none
 }
 
 ENERGY_SCHEMA: dict[str, Field] = {
@@ -74,9 +75,12 @@ ENERGY_SCHEMA: dict[str, Field] = {
 }
 
 
-def build_energy(rec: Any, ctx: Ctx, meter_lines: dict[str, int]) -> EnergyConfig | None | Any:
+def build_energy(rec: Any, ctx: Ctx, meter_lines: dict[str, int],
+                 units: dict[int, tuple[str, int]] | None = None) -> EnergyConfig | None | Any:
     """The ``energy`` section: None when absent, INVALID after reporting, else the built object.
-    Checks across keys run here: a tariff needs both ends, virtual meters refer to real meters."""
+    Checks across keys run here: a tariff needs both ends, virtual meters refer to real meters, a
+    virtual meter's unit is free (``units``: unit -> (meter, line), the meters'; a virtual one is added)."""
+    units = {} if units is None else units
     if rec is None or rec is INVALID:
         return rec
     ok = rec.ok
@@ -127,8 +131,17 @@ def build_energy(rec: Any, ctx: Ctx, meter_lines: dict[str, int]) -> EnergyConfi
                 ok = False
                 continue
             alarm = BalanceAlarmConfig(**alarm.kwargs(ALARM_SCHEMA))
+        unit = vm.values["unit"]
+        if unit is not None:
+            if unit in units:
+                other, other_line = units[unit]
+                here.child("unit").report(vm.lines["unit"], f"unit {unit} is already used by meter '{other}' "
+                                                            f"(line {other_line})")
+                ok = False
+                continue
+            units[unit] = (name, vm.lines["unit"])
         names.add(name)
-        virtual.append(VirtualMeterConfig(name, terms, vm.values["formula"], alarm))
+        virtual.append(VirtualMeterConfig(name, terms, vm.values["formula"], alarm, unit))
     if not ok:
         return INVALID
     values = rec.kwargs(ENERGY_SCHEMA)

@@ -611,7 +611,7 @@ def _build(top: Record, ctx: Ctx, base_dir: Path) -> Config | None:
     measurements = None if None in segments else {
         m.name for seg in segments for meter in seg.meters for m in meter.profile.measurements}
     mqtt = _mqtt(v["mqtt"], ctx.child("mqtt"), base_dir, measurements, builder.meter_names)
-    energy = build_energy(v["energy"], ctx.child("energy"), builder.meter_names)
+    energy = build_energy(v["energy"], ctx.child("energy"), builder.meter_names, builder.units)
     if not top.ok or None in segments or INVALID in (modbus_tcp, opcua, http, mqtt, energy):
         return None
     if modbus_tcp is not None and modbus_tcp.consolidated is not None:

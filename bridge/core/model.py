@@ -252,6 +252,7 @@ class VirtualMeterConfig:
     terms: tuple[tuple[int, str], ...]  # (+1 or -1, meter name), in formula order
     formula: str = ""  # as written
     alarm: BalanceAlarmConfig | None = None
+    unit: int | None = None  # a Modbus TCP unit id of its own (bridge.energy.modbus_map), unique across the bridge
 
 
 @dataclass(frozen=True)

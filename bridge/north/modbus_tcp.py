@@ -25,7 +25,8 @@ from bridge.core import mbap
 from bridge.core import pdu as P
 from bridge.core.errors import BridgeError, ExceptionReply, ProtocolError, TransactionError
 from bridge.core.image import Change, Health, RegisterImage, RegisterTable
-from bridge.core.model import Config, ConsolidatedMap, MeterConfig, ModbusTcpConfig, merge_intervals
+from bridge.core.model import Config, ConsolidatedMap, MeterConfig, ModbusTcpConfig, VirtualMeterConfig, merge_intervals
+from bridge.north.modbus_virtual import LastInterval, VirtualUnits
 from bridge.north.side import Staged, listen_error
 from bridge.view import NorthStatus
 
@@ -41,12 +42,14 @@ CHECK_PERIOD = 1.0  # seconds between checks of idle and slow connections
 
 class ModbusTcpServer:
     """``ModbusTcpServer(image, write_router, cfg, meters)``: the meters are needed only for the
-    consolidated unit (their order is its layout)."""
+    consolidated unit (their order is its layout) and the virtual meters' units (``virtual``, with
+    ``last``: a meter's last closed energy interval)."""
 
     name = "modbus_tcp"
 
     def __init__(self, image: RegisterImage, write_router: WriteRouter | None = None,
-                 cfg: ModbusTcpConfig | None = None, meters: Sequence[MeterConfig] = ()):
+                 cfg: ModbusTcpConfig | None = None, meters: Sequence[MeterConfig] = (),
+                 virtual: Sequence[VirtualMeterConfig] = (), last: LastInterval = lambda name: None):
         self.image = image
         self.write_router = write_router
         self.cfg = cfg or ModbusTcpConfig()
@@ -55,6 +58,8 @@ class ModbusTcpServer:
         self._generation = 0  # of the listener; a moved listener's connections are closed
         self.consolidated: Consolidated | None = None
         self._set_consolidated(self.cfg.consolidated, meters)
+        self._last = last
+        self.virtual = VirtualUnits(virtual, meters, image, last)
         self.connections: set[_Connection] = set()
         self.stats = {"requests": 0, "connections_accepted": 0, "refused": 0, "closed_bad_frame": 0, "closed_idle": 0,
                       "closed_slow": 0}
@@ -94,6 +99,8 @@ class ModbusTcpServer:
             self.cfg = cfg
             self._allow = [ipaddress.ip_network(n) for n in cfg.allow]
             self._set_consolidated(cfg.consolidated, config.meters)
+            self.virtual = VirtualUnits(config.energy.virtual if config.energy is not None else (), config.meters,
+                                        self.image, self._last)
 
         async def abort() -> None:
             if new_server is not None:
@@ -170,6 +177,8 @@ class ModbusTcpServer:
                 return P.read_response_pdu(request.function, self.read(unit, request))
             u = self.image.unit(unit)
             if u is None:
+                if unit in self.virtual:  # a sum of meters: nothing to write to
+                    raise P.PduException(request.function, P.ILLEGAL_FUNCTION)
                 raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE)
             if not u.meter.writable or self.write_router is None:
                 raise P.PduException(request.function, P.ILLEGAL_FUNCTION)
@@ -193,6 +202,8 @@ class ModbusTcpServer:
                 if data is not None:
                     return data
                 raise P.PduException(request.function, P.ILLEGAL_DATA_ADDRESS)
+            if unit in self.virtual:
+                return self.virtual.read(unit, request)
             raise P.PduException(request.function, P.GATEWAY_PATH_UNAVAILABLE)
         data = u.read(request.function, request.address, request.count)
         if data is None:

@@ -15,6 +15,8 @@ from bridge.core.errors import ExceptionReply, PortError, TransactionError
 from bridge.core.model import Config, MeterConfig, Profile
 from bridge.core.plan import plan_meter
 from bridge.config.profiles import builtin_profile_names, get_builtin
+from bridge.energy.meters import energy_meters
+from bridge.energy.modbus_map import END_REGISTER, FLOATS, LIVE, STATUS_REGISTER
 from bridge.south.rtu_master import RtuMaster
 from bridge.south.serial_link import PySerialLink
 
@@ -161,4 +163,46 @@ def points_rows(config: Config) -> list[dict]:
                              "segment": "(consolidated)", "unit_id": cmap.unit, "function": P.READ_INPUT,
                              "address": address, "reference": reference(P.READ_INPUT, address), "registers": 2,
                              "type": "float32", "word_order": "big", "scale": 1.0})
+    rows += _virtual_rows(config)
+    return rows
+
+
+_VIRTUAL_UNITS = {"active_power": "W", "reactive_power": "var", "demand": "W"}
+_VIRTUAL_NODES = {"demand": "Energy.Demand", "interval_end": "Energy.IntervalEnd", "interval_status": "Energy.Status"}
+_VIRTUAL_SPARKPLUG = {"demand": "Energy/Demand", "interval_status": "Energy/Status"}
+
+
+def _virtual_rows(config: Config) -> list[dict]:
+    """The virtual meters with a unit of their own (``bridge.energy.modbus_map``): the values they carry,
+    and where OPC UA and MQTT have the same."""
+    rows = []
+    namespace = config.opcua.namespace
+    mqtt = config.mqtt
+    sparkplug = mqtt.sparkplug if mqtt is not None else None
+    json_topics = mqtt.json if mqtt is not None else None
+    meters = {m.name: m for m in config.meters}
+    for name, (quantities, v) in energy_meters(config).items():
+        if v is None or v.unit is None:
+            continue
+        live = [q for q in LIVE if all(any(m.name == q for m in meters[t].profile.measurements) for _, t in v.terms)]
+        has = {*live, *quantities, *(("demand",) if "import_active_energy" in quantities else ())}
+        points = [(q, 2 * i, "float32", 2) for i, q in enumerate(FLOATS) if q in has]
+        points += [("interval_end", END_REGISTER, "uint32", 2), ("interval_status", STATUS_REGISTER, "uint16", 1)]
+        for q, address, dtype, count in points:
+            camel = "".join(w.capitalize() for w in q.split("_"))
+            node = camel if q in LIVE else _VIRTUAL_NODES.get(q, "Energy." + camel)
+            metric = q if q in LIVE else _VIRTUAL_SPARKPLUG.get(q, "Energy/" + q)
+            unit = _VIRTUAL_UNITS.get(q) or ("kvarh" if "reactive" in q else "kWh" if "energy" in q else "")
+            json_at = (f"{name} : values.{q}" if q in LIVE else
+                       f"{name}/energy : {'end' if q == 'interval_end' else 'status' if q == 'interval_status' else q}")
+            rows.append({
+                "meter": name, "measurement": q, "segment": "(virtual)", "slave": "", "unit_id": v.unit,
+                "function": P.READ_INPUT, "address": address, "reference": reference(P.READ_INPUT, address),
+                "registers": count, "type": dtype, "word_order": "big", "scale": 1.0, "unit": unit,
+                "description": f"now: {v.formula}" if q in LIVE else f"last closed interval of {v.formula}",
+                "nodeid": f"nsu={namespace};s={name}.{node}", "browse_path": f"Objects/Meters/{name}",
+                "sparkplug": (f"spBv1.0/{sparkplug.group_id}/DDATA/{sparkplug.edge_node_id}/{name} : {metric}"
+                              if sparkplug is not None and q != "interval_end" else ""),
+                "json": f"{json_topics.topic}/{json_at}" if json_topics is not None else "",
+            })
     return rows
