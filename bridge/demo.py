@@ -93,11 +93,16 @@ def banner(app: App, config_path: Path) -> str:
     for seg in app.config.segments:
         for m in seg.meters:
             rows.append(f"    unit {m.unit:<3} {m.name:<10} {m.profile.name:<16} segment {seg.name} slave {m.slave}")
+    for v in app.config.energy.virtual if app.config.energy is not None else ():
+        if v.unit is not None:
+            rows.append(f"    unit {v.unit:<3} {v.name:<10} {'virtual':<16} {v.formula}")
     rows += [
         "  try, from another terminal:",
         f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 1 -1 127.0.0.1     # unit 1 voltage L1 (V)",
         f"    mbpoll -m tcp -p {port} -a 1 -t 3:float -B -r 1 -c 40 -1 127.0.0.1    # unit 1, 80 mirrored registers",
         f"    mbpoll -m tcp -p {port} -a 12 -t 3:float -B -r 13 -c 1 127.0.0.1      # unit 12 active power, every second",
+        f"    mbpoll -m tcp -p {port} -a {UNMETERED_UNIT} -t 3:float -B -r 1 -c 2 127.0.0.1      "
+        f"# unit {UNMETERED_UNIT}: unmetered active, reactive power",
         f"    .venv/bin/uaread -u {app.config.opcua.endpoint} -n 'ns=2;s=incomer.voltage_l1'",
         f"    .venv/bin/uabrowse -u {app.config.opcua.endpoint} -n 'ns=2;s=Meters/' -l 2",
     ]
