@@ -109,9 +109,8 @@ def banner(app: App, config_path: Path) -> str:
     return "\n".join(rows)
 
 
-async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None = None,
-                   http_port: int = 8080, mqtt: str = "") -> None:
-    """Run until ``stop`` is set (or cancelled)."""
+def demo_meters() -> dict[str, SimMeter]:
+    """The demo's simulated meters by name: the incomer feeds the sub-meters and a known unmetered load."""
     sims = {name: SimMeter(slave, get_builtin(profile)) for meters in DEMO_LAYOUT.values()
             for name, slave, _, profile in meters if name != INCOMER}
     for meters in DEMO_LAYOUT.values():
@@ -119,6 +118,13 @@ async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None
             if name == INCOMER:
                 sims[name] = SimMeter(slave, get_builtin(profile), feeds=[sims[s] for s in SUBMETERS],
                                       extra_w=UNMETERED_W)
+    return sims
+
+
+async def run_demo(modbus_port: int, opcua_port: int, stop: asyncio.Event | None = None,
+                   http_port: int = 8080, mqtt: str = "") -> None:
+    """Run until ``stop`` is set (or cancelled)."""
+    sims = demo_meters()
     buses = {segment: SimulatedBus([sims[name] for name, *_ in meters]) for segment, meters in DEMO_LAYOUT.items()}
     ports = {segment: bus.open() for segment, bus in buses.items()}
     try:
