@@ -66,6 +66,10 @@ async def api(port: int, path: str) -> dict:
     return json.loads(body)
 
 
+def parse_iso(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def energies(intervals: list[dict], q: str = "import_active_energy") -> list[float]:
     return [i[q] for i in intervals if q in i]
 
@@ -101,8 +105,11 @@ async def test_intervals_follow_the_rates_and_the_balance_shows_the_unmetered_lo
             # the virtual meter: incomer - lighting - sockets, interval by interval
             doc = await api(port, "/api/energy?meter=unmetered")
             virtual = [i for i in doc["intervals"] if i["status"] != "missing"]
-            assert virtual and all(i["import_active_energy"] == pytest.approx(9.0 * SECONDS / 3600, rel=0.1)
-                                   for i in virtual[1:])
+            # summed over the run: one interval alone carries the skew of a reply read late on a loaded machine
+            # (30 ms of a 1 s interval is 3 % of the incomer's, 12 % of this balance), a run only its two ends'
+            assert len(virtual) >= 3
+            hours = sum(parse_iso(i["end"]) - parse_iso(i["start"]) for i in virtual[1:]) / 3600
+            assert sum(i["import_active_energy"] for i in virtual[1:]) == pytest.approx(9.0 * hours, rel=0.1)
             # 25 % of the incomer for 2 intervals in a row: the alarm is up, on /metrics and in the log
             await until(lambda: recorder.alarm_state()["unmetered"]["active"], timeout=10, what="the balance alarm")
             assert "energy balance unmetered" in caplog.text
