@@ -188,8 +188,12 @@ class Link:
             timeout=CONNECT_TIMEOUT, tls_context=self.side.tls_context() if tls else None,
             max_inflight_messages=IN_FLIGHT, logger=_PAHO_LOG)
         client.pending_calls_threshold = IN_FLIGHT + 1  # our own bound; its warning would flood the log
+        # aiomqtt leaves an unexpected disconnection's error in this future, unretrieved ("Future exception
+        # was never retrieved" at exit): retrieved whenever it ends, even if this task is cancelled first
+        client._disconnected.add_done_callback(_retrieve)
         async with asyncio.timeout(CONNECT_TIMEOUT):
             await client.__aenter__()
+        client._disconnected.add_done_callback(_retrieve)  # __aenter__ may have replaced it
         try:
             if bd_seq is not None:
                 self.side.bdseq.used(bd_seq)
@@ -215,9 +219,6 @@ class Link:
             self.disconnected()
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
-            gone = client._disconnected  # aiomqtt leaves an unexpected disconnection's error unretrieved
-            if gone.done() and not gone.cancelled():
-                gone.exception()
 
     def connected_now(self) -> None:
         """A new connection: flavour state that must start afresh."""
@@ -868,6 +869,11 @@ class _PahoLog(logging.LoggerAdapter):
 
 
 _PAHO_LOG = _PahoLog(logging.getLogger("bridge.mqtt.client"), {})
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:
