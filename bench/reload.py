@@ -27,6 +27,10 @@ what it was after the first.
   After ``--settle`` (1 s) the bridge's VmRSS is read from /proc/PID/status.
 * "Time per reload" is SIGHUP → the "reload applied" line as this process sees it (the log file is
   polled every 10 ms).
+* "Longest Modbus TCP answer" around each reload: a second connection reads unit 1 every 5 ms
+  for the whole run (``StallProbe``); the longest wait for one answer from SIGHUP to /readyz 200 is
+  how long the bridge stood still during that reload (its garbage-collection pass, the address-space
+  rebuild), against the longest between reloads.
 
 At the end the bridge gets SIGTERM and must exit with status 0 within 5 s; the buses are closed,
 also after an error. Reloading stops early if the bridge's RSS passes half of the machine's RAM.
@@ -46,6 +50,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -409,8 +414,44 @@ class Row:
     ua_build_s: float | None = None
     rss_kib: int | None = None
     anon_kib: int | None = None
+    stall_s: float | None = None  # longest Modbus TCP answer from SIGHUP to /readyz 200
     errors: list[str] = field(default_factory=list)  # ERROR/CRITICAL lines logged during this reload
     warnings: int = 0
+
+
+PROBE_PAUSE = 0.005  # seconds between two reads of the stall probe
+
+
+class StallProbe:
+    """A second Modbus TCP connection reading unit 1 every ``PROBE_PAUSE``: the longest wait for one answer in
+    a window is the longest the bridge stood still then (any answer counts, an exception too)."""
+
+    def __init__(self, port: int, unit: int):
+        self.port, self.unit = port, unit
+        self.worst = 0.0
+        self.reads = 0
+        self.task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        from bridge.testing import RawModbusClient
+
+        client = await RawModbusClient.connect(self.port, HOST)
+        try:
+            while True:
+                t0 = time.monotonic()
+                await client.read(self.unit, 4, 0x0000, 2)
+                self.worst = max(self.worst, time.monotonic() - t0)
+                self.reads += 1
+                await asyncio.sleep(PROBE_PAUSE)  # paced: a probe at full speed would load the bridge itself
+        finally:
+            await client.close()
+
+    def take(self) -> float:
+        """The longest wait since the last take (seconds); starts a new window."""
+        if self.task is not None and self.task.done():
+            self.task.result()  # the connection failed: say why
+        worst, self.worst = self.worst, 0.0
+        return worst
 
 
 async def run(args, tmp: Path, result: dict) -> None:
@@ -424,6 +465,7 @@ async def run(args, tmp: Path, result: dict) -> None:
     buses: list[SimulatedBus] = []
     bridge: Bridge | None = None
     probe: ModbusProbe | None = None
+    stall: StallProbe | None = None
     try:
         profiles = {name: get_builtin(name) for name in {*PROFILES, EXTRA_PROFILE}}
         for s, meters in enumerate(layout.segments):
@@ -474,6 +516,10 @@ async def run(args, tmp: Path, result: dict) -> None:
         if not (ok_m and ok_u):
             result["failures"].append("the checks failed before the first reload")
 
+        stall = StallProbe(tcp_port, layout.first.unit)
+        stall.task = asyncio.create_task(stall.run())
+        await asyncio.sleep(args.settle)
+        result["stall_between_s"] = []  # the longest answer in each window between two reloads
         mem_total = _mem_total_kib()
         rows: list[Row] = result["rows"]
         other = OtherCpu({os.getpid(), bridge.pid})
@@ -485,6 +531,7 @@ async def run(args, tmp: Path, result: dict) -> None:
             write_atomically(config_path, texts[variant])
             bridge.poll_log()
             since = len(bridge.entries)
+            result["stall_between_s"].append(stall.take())
             sent = time.monotonic()
             bridge.proc.send_signal(signal.SIGHUP)
             try:
@@ -513,6 +560,7 @@ async def run(args, tmp: Path, result: dict) -> None:
                 _collect(bridge, row, since)
                 log(f"reload {n}: {exc}\n{bridge.log_tail()}")
                 break
+            row.stall_s = stall.take()
             applied = variant if row.outcome == "applied" else ("A" if variant == "B" else "B")
             row.modbus_ok, row.modbus = await probe.read_voltage(layout.first.unit)
             row.opcua_ok, row.opcua = await opcua_read(endpoint, f"{layout.first.name}.{voltage_of(layout.first)}",
@@ -526,6 +574,7 @@ async def run(args, tmp: Path, result: dict) -> None:
             _collect(bridge, row, since)
             base = rows[0].rss_kib
             log(f"reload {n} ({variant}): {row.outcome} in {fmt(row.reload_s, '.2f')} s, ready +{row.ready_s:.2f} s; "
+                f"longest Modbus TCP answer {1e3 * row.stall_s:.0f} ms; "
                 f"RSS {mib(row.rss_kib)} MiB ({(row.rss_kib - base) / 1024:+.1f} vs reload 1); "
                 f"Modbus {'ok' if row.modbus_ok else 'FAILED'} ({row.modbus}); "
                 f"OPC UA {'ok' if row.opcua_ok else 'FAILED'} ({row.opcua})"
@@ -543,6 +592,10 @@ async def run(args, tmp: Path, result: dict) -> None:
         result["end"] = {"rss_kib": st.get("VmRSS"), "hwm_kib": st.get("VmHWM"), "threads": st.get("Threads")}
         result["modbus_reconnects"] = probe.reconnects
     finally:
+        if stall is not None and stall.task is not None:
+            stall.task.cancel()
+            await asyncio.gather(stall.task, return_exceptions=True)
+            result["stall_reads"] = stall.reads
         if probe is not None:
             await probe.close()
         if bridge is not None:
@@ -630,6 +683,12 @@ def summarise(result: dict) -> None:
     ready = [r.ready_s for r in result["rows"] if r.ready_s is not None]
     if ready:
         result["ready_s_median"], result["ready_s_max"] = statistics.median(ready), max(ready)
+    stalls = [r.stall_s for r in result["rows"] if r.stall_s is not None]
+    if stalls:
+        result["stall_s_median"], result["stall_s_max"] = statistics.median(stalls), max(stalls)
+    between = result.get("stall_between_s", [])[1:]  # the first window follows the start-up
+    if between:
+        result["stall_between_s_median"], result["stall_between_s_max"] = statistics.median(between), max(between)
 
 
 def markdown(r: dict) -> str:
@@ -694,6 +753,12 @@ def markdown(r: dict) -> str:
         lines.append(f"Time per reload (SIGHUP → \"reload applied\"): median {r['reload_s_median']:.2f} s, max "
                      f"{r['reload_s_max']:.2f} s; then /readyz 200 after median {fmt(r.get('ready_s_median'), '.2f')} s"
                      f", max {fmt(r.get('ready_s_max'), '.2f')} s.")
+    if "stall_s_median" in r:
+        lines.append(f"Longest Modbus TCP answer (unit 1, read every {1e3 * PROBE_PAUSE:g} ms on a second connection, "
+                     f"{fmt(r.get('stall_reads'), ',')} reads) from SIGHUP to /readyz 200: median "
+                     f"{1e3 * r['stall_s_median']:.0f} ms, max {1e3 * r['stall_s_max']:.0f} ms; between reloads: median "
+                     f"{1e3 * r.get('stall_between_s_median', math.nan):.1f} ms, max "
+                     f"{1e3 * r.get('stall_between_s_max', math.nan):.1f} ms.")
     refused = sum(x.outcome == "refused" for x in rows)
     lines.append(f"Reloads applied / refused / not finished: {sum(x.outcome == 'applied' for x in rows)} / {refused} / "
                  f"{sum(x.outcome in ('timeout', 'died') for x in rows)} of {a['reloads']}.")
