@@ -19,7 +19,7 @@ from bridge.core.mqtt_json import (
     number_json,
     sensor_class,
 )
-from bridge.core.mqtt_types import MeterSample, Publish
+from bridge.core.mqtt_types import LiveProfile, MeterSample, Publish, VirtualDevice
 
 SDM120 = get_builtin("eastron-sdm120")
 SDM630 = get_builtin("eastron-sdm630")
@@ -484,17 +484,28 @@ def test_retired_clears_what_a_previous_configuration_left_retained():
     assert {p.topic for p in moved} == {"mb/panel-7/status", "mb/panel-7/a"}
 
 
-def test_a_virtual_meter_has_a_state_topic_of_its_own_and_a_reload_that_drops_it_clears_it():
+POWER = next(m for m in SDM120.measurements if m.name == "active_power")
+UNMETERED = VirtualDevice("unmetered", LiveProfile((POWER,)), "a - b")
+
+
+def test_a_virtual_meter_has_a_state_topic_and_an_ha_device_of_its_own_and_a_reload_that_drops_it_clears_them():
     cfg = MqttJsonConfig("mb/panel-7", 60.0, True)
-    with_virtual = JsonTopics(cfg, (meter("a"),), "panel-7", virtual=("unmetered",))
-    power = next(m for m in SDM120.measurements if m.name == "active_power")
-    (state,) = with_virtual.sample(MeterSample("unmetered", "stale", TS, ((power, -250.5),)), 0.0)
+    with_virtual = JsonTopics(cfg, (meter("a"),), "panel-7", virtual=(UNMETERED,))
+    (state,) = with_virtual.sample(MeterSample("unmetered", "stale", TS, ((POWER, -250.5),)), 0.0)
     assert (state.topic, state.retain, body(state)) == (
         "mb/panel-7/unmetered", True, {"ts": TS, "status": "stale", "values": {"active_power": -250.5}})
     assert with_virtual.current() == [state]  # what a new connection publishes first
-    assert not any("unmetered" in topic for topic, _ in with_virtual.discovery_configs())  # no HA entities
+    # Home Assistant: a device of its own (via the bridge) with a power sensor, available like a meter's
+    ((topic, config),) = [(t, c) for t, c in with_virtual.discovery_configs() if "unmetered" in t]
+    assert topic == "homeassistant/sensor/panel-7/unmetered-active_power/config"
+    assert (config["state_topic"], config["device_class"], config["unit_of_measurement"]) == (
+        "mb/panel-7/unmetered", "power", "W")
+    assert config["device"] == {"identifiers": ["modbus-bridge:panel-7:unmetered"], "name": "unmetered",
+                                "model": "virtual meter: a - b", "via_device": "modbus-bridge:panel-7"}
+    assert config["availability"][1]["topic"] == "mb/panel-7/unmetered"
     without = JsonTopics(cfg, (meter("a"),), "panel-7")
-    assert without.sample(MeterSample("unmetered", "good", TS, ((power, 1.0),)), 0.0) == []
-    assert [p.topic for p in without.retired(with_virtual)] == ["mb/panel-7/unmetered"]
+    assert without.sample(MeterSample("unmetered", "good", TS, ((POWER, 1.0),)), 0.0) == []
+    assert sorted(p.topic for p in without.retired(with_virtual)) == [
+        "homeassistant/sensor/panel-7/unmetered-active_power/config", "mb/panel-7/unmetered"]
     with pytest.raises(ValueError, match="bridge's status topic"):
-        JsonTopics(cfg, (meter("a"),), "panel-7", virtual=("status",))
+        JsonTopics(cfg, (meter("a"),), "panel-7", virtual=(VirtualDevice("status", LiveProfile((POWER,))),))

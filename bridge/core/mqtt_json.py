@@ -51,7 +51,7 @@ from functools import lru_cache
 
 from bridge.core.codec import DataType
 from bridge.core.model import Measurement, MeterConfig, MqttJsonConfig
-from bridge.core.mqtt_types import MeterSample, Publish
+from bridge.core.mqtt_types import MeterSample, Publish, VirtualDevice
 
 ORIGIN = "modbus-bridge"  # HA discovery "origin" and the prefix of every HA id we make
 QUALITY_STATUS = {"good": "good", "stale": "stale", "offline": "offline", "unread": "offline"}
@@ -221,9 +221,10 @@ class JsonTopics:
     """
 
     def __init__(self, cfg: MqttJsonConfig, meters: Sequence[MeterConfig], bridge_id: str, *,
-                 sw_version: str = "", virtual: Sequence[str] = ()):
+                 sw_version: str = "", virtual: Sequence[VirtualDevice] = ()):
         self.cfg = cfg
-        self.virtual = tuple(virtual)  # virtual meters (energy.virtual): a state topic each, no discovery
+        # virtual meters (energy.virtual): a state topic each, and an HA device with their live power
+        self.virtual: dict[str, VirtualDevice] = {v.name: v for v in virtual}
         self.meters: dict[str, MeterConfig] = {}
         for meter in meters:
             if meter.name in self.meters:
@@ -243,7 +244,7 @@ class JsonTopics:
         self.sw_version = sw_version
         if cfg.homeassistant:
             check_topic(cfg.discovery_prefix)
-            for name in self.meters:
+            for name in (*self.meters, *self.virtual):
                 if not HA_ID.fullmatch(name):
                     raise ValueError(f"meter name {name!r}: Home Assistant ids take letters, digits, '-' and '_'")
         self._state: dict[str, _MeterState] = {}
@@ -350,17 +351,24 @@ class JsonTopics:
              "state_topic": self.availability_topic, "payload_on": "online", "payload_off": "offline",
              "device_class": "connectivity", "entity_category": "diagnostic", "qos": 1,
              "device": bridge_device, "origin": origin})]
+        devices: list[tuple[str, Sequence[Measurement], dict]] = []
         for name, meter in self.meters.items():
-            topic = self.state_topic(name)
             device = {"identifiers": [self._device_id(name)], "name": name}
             maker = manufacturer(meter.profile.name, meter.profile.description)
             if maker:
                 device["manufacturer"] = maker
             device["model"] = meter.profile.name
+            devices.append((name, meter.profile.measurements, device))
+        for name, v in self.virtual.items():  # its power now: the sum of its terms'
+            model = f"virtual meter: {v.formula}" if v.formula else "virtual meter"
+            devices.append((name, v.profile.measurements,
+                            {"identifiers": [self._device_id(name)], "name": name, "model": model}))
+        for name, measurements, device in devices:
+            topic = self.state_topic(name)
             device["via_device"] = self._device_id()
             availability = [{"topic": self.availability_topic},
                             {"topic": topic, "value_template": AVAILABILITY_TEMPLATE}]
-            for m in meter.profile.measurements:
+            for m in measurements:
                 cls = sensor_class(m)
                 config: dict = {
                     "name": friendly_name(m.name),

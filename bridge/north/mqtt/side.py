@@ -22,7 +22,6 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
@@ -33,9 +32,9 @@ from bridge import __version__
 from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health
 from bridge.config.loader import parse_broker
-from bridge.core.model import Config, Measurement, MqttConfig
+from bridge.core.model import Config, MqttConfig
 from bridge.core.mqtt_json import JsonTopics
-from bridge.core.mqtt_types import MeterSample, Publish
+from bridge.core.mqtt_types import LiveProfile, MeterSample, Publish, VirtualDevice
 from bridge.core import sparkplug_b_pb2 as pb
 from bridge.core.sparkplug import EdgeNode, IntervalSample
 from bridge.energy.meters import energy_meters
@@ -599,7 +598,7 @@ class MqttSide:
         if cfg.json is not None:
             suffix = "-json" if cfg.sparkplug is not None else ""
             topics = JsonTopics(cfg.json, meters, cfg.client_id, sw_version=__version__,
-                                virtual=[v.name for v in virtual])
+                                virtual=virtual)
             self.links.append(JsonLink(self, topics, cfg.client_id + suffix))
         self.bdseq = BdSeq(Path(config.state_dir or ".") / BDSEQ_FILE)
         self._units = {m.unit for m in meters}
@@ -883,22 +882,10 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
-@dataclass(frozen=True)
-class _LiveProfile:
-    measurements: tuple[Measurement, ...]
-
-
-@dataclass(frozen=True)
-class VirtualDevice:
-    """A virtual meter as the flavours take it: a name and its live measurements (``view.virtual_live``)."""
-    name: str
-    profile: _LiveProfile
-
-
 def _virtual(config: Config) -> list[VirtualDevice]:
     """The virtual meters with intervals: each a Sparkplug device and a JSON state topic of its own."""
     meters = {m.name: m for m in config.meters}
-    return [VirtualDevice(name, _LiveProfile(virtual_measurements([meters[t] for _, t in v.terms])))
+    return [VirtualDevice(name, LiveProfile(virtual_measurements([meters[t] for _, t in v.terms])), v.formula)
             for name, (_, v) in energy_meters(config).items() if v is not None]
 
 
