@@ -135,13 +135,39 @@ async def close_phase(meters: int, seconds: int, boundaries: int) -> dict:
             "ms_median_other": 1e3 * statistics.median([t for t, n in passes if n == 0] or [math.nan])}
 
 
-async def timed(fn, repeat: int) -> dict:
+async def timed(fn, repeat: int, modbus_port: int | None = None) -> dict:
+    """Median and worst of ``repeat`` calls; with ``modbus_port``, also the longest Modbus TCP answer
+    meanwhile (unit 1 read every 5 ms on the bridge in this process): how long a request held the
+    event loop, and with it every poll and every client."""
     took = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        size = await fn()
-        took.append(time.perf_counter() - t0)
-    return {"ms_median": 1e3 * statistics.median(took), "ms_max": 1e3 * max(took), "size": size}
+    longest = [0.0]
+    probe = None
+    if modbus_port is not None:
+        from bridge.testing import RawModbusClient
+
+        client = await RawModbusClient.connect(modbus_port)
+
+        async def watch() -> None:
+            while True:
+                t0 = time.perf_counter()
+                await client.read(1, 4, 0, 2)
+                longest[0] = max(longest[0], time.perf_counter() - t0)
+                await asyncio.sleep(0.005)
+        probe = asyncio.create_task(watch())
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            size = await fn()
+            took.append(time.perf_counter() - t0)
+    finally:
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+            await client.close()
+    out = {"ms_median": 1e3 * statistics.median(took), "ms_max": 1e3 * max(took), "size": size}
+    if modbus_port is not None:
+        out["ms_longest_modbus"] = 1e3 * longest[0]
+    return out
 
 
 def http_get(port: int, path: str):
@@ -166,14 +192,14 @@ async def query(state: str, meters: int, repeat: int) -> dict:
     month_start = month_end - 30 * DAY
     async with running_bridge(layout(meters), http=True, opcua=True, energy=EnergyConfig(),
                               state_dir=state, timeout=0.5, stale_after=5.0) as h:
-        port = h.app.http.port
+        port, tcp = h.app.http.port, h.modbus_port
         await asyncio.sleep(2.0)
         out["report_month_all"] = await timed(http_get(port, f"/api/energy/report?from={month_start}&to={month_end}"),
-                                              repeat)
+                                              repeat, tcp)
         out["intervals_year_one"] = await timed(http_get(port, f"/api/energy?meter=m001&from={now - 365 * DAY}&to={now}"),
-                                                repeat)
+                                                repeat, tcp)
         out["intervals_year_one_detail"] = await timed(
-            http_get(port, f"/api/energy?meter=m001&from={now - 365 * DAY}&to={now}&detail=1"), repeat)
+            http_get(port, f"/api/energy?meter=m001&from={now - 365 * DAY}&to={now}&detail=1"), repeat, tcp)
         endpoint = h.app.config.opcua.endpoint
         async with Client(endpoint, timeout=30) as client:
             ns = await client.get_namespace_index(h.app.config.opcua.namespace)
@@ -223,7 +249,9 @@ def markdown(r: dict) -> str:
             rows.append(f"| {what} | {v['error']} | **not measured** |")
         else:
             rows.append(f"| {what} | median {v['ms_median']:.0f} ms, worst {v['ms_max']:.0f} ms "
-                        f"({v['size']:,} {'values' if 'opcua' in key else 'bytes'}) | "
+                        f"({v['size']:,} {'values' if 'opcua' in key else 'bytes'}"
+                        + (f"; longest Modbus TCP answer meanwhile {v['ms_longest_modbus']:.0f} ms"
+                           if "ms_longest_modbus" in v else "") + ") | "
                         f"{'met' if v['ms_max'] < 1000 else '**not met**'} |")
     rows += ["", f"Intervals from a year of readings every {r['step']:.0f} s: {y['readings']:,} readings, "
              f"{y['intervals']:,} intervals, {y['us_per_reading']:.1f} µs per reading. Store writes: "
