@@ -232,3 +232,24 @@ def test_an_empty_period_is_all_missing_and_outside_intervals_are_ignored():
     assert report["energy"] == {} and report["intervals"] == 0
     assert report["max_demand"] is None and report["max_sliding_demand"] is None
     assert report["statuses"][MISSING] == 24  # hourly starts 19:00 … 18:00 UTC
+
+
+def test_intervals_json_is_the_whole_document_encoded_piece_by_piece():
+    """The API's intervals document, encoded one interval at a time (so that a year does not hold the
+    interpreter in one json.dumps call), is byte for byte the document encoded at once."""
+    from bridge.energy.report import interval_record
+    from bridge.energy.types import Evidence
+    from bridge.north.energy_api import intervals_json
+
+    t = utc("2026-03-29T00:00:00+00:00")
+    rows = [iv("main", t, import_active_energy=1.25, export_active_energy=0.0),
+            iv("main", t + Q, MISSING),
+            Interval("main", t + 2 * Q, t + 3 * Q, ESTIMATED, {"import_active_energy": 0.5},
+                     {"import_active_energy": 10.0}, {"import_active_energy": 10.5},
+                     {"import_active_energy": (Evidence((t + 2 * Q - 1.5, 9.99), (t + 2 * Q + 0.5, 10.01)),
+                                               Evidence(None, (t + 3 * Q + 3.25, 10.6)))}, clock_step=True)]
+    head = {"meter": "main", "interval": Q, "from": iso(t), "to": iso(t + 3 * Q)}
+    for intervals in (rows, []):
+        whole = json.dumps({**head, "intervals": [interval_record(i) for i in intervals]}, separators=(",", ":"))
+        assert intervals_json(head, intervals) == whole.encode()
+    assert json.loads(intervals_json(head, rows))["intervals"][2]["evidence"]["import_active_energy"]["end"]["before"] is None
