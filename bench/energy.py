@@ -141,6 +141,7 @@ async def timed(fn, repeat: int, modbus_port: int | None = None) -> dict:
     event loop, and with it every poll and every client."""
     took, longest = [], []  # each call's time, and the longest Modbus TCP answer during it
     worst = [0.0]
+    inflight: list[float | None] = [None]  # when the probe's read now awaiting its answer was sent
     probe = None
     if modbus_port is not None:
         from bridge.testing import RawModbusClient
@@ -149,9 +150,11 @@ async def timed(fn, repeat: int, modbus_port: int | None = None) -> dict:
 
         async def watch() -> None:
             while True:
-                t0 = time.perf_counter()
-                await client.read(1, 4, 0, 2)
-                worst[0] = max(worst[0], time.perf_counter() - t0)
+                inflight[0] = time.perf_counter()
+                client.send(1, b"\x04\x00\x00\x00\x02")  # FC4, 2 registers from 0
+                await client.receive(timeout=120.0)  # a stall of seconds is what this looks for
+                worst[0] = max(worst[0], time.perf_counter() - inflight[0])
+                inflight[0] = None
                 await asyncio.sleep(0.005)
         probe = asyncio.create_task(watch())
     try:
@@ -160,6 +163,8 @@ async def timed(fn, repeat: int, modbus_port: int | None = None) -> dict:
             t0 = time.perf_counter()
             size = await fn()
             took.append(time.perf_counter() - t0)
+            while probe is not None and inflight[0] is not None:  # a read held up by this call counts here
+                await asyncio.sleep(0.001)
             longest.append(worst[0])
     finally:
         if probe is not None:
