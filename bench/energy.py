@@ -149,13 +149,17 @@ async def timed(fn, repeat: int, modbus_port: int | None = None) -> dict:
         client = await RawModbusClient.connect(modbus_port)
 
         async def watch() -> None:
+            # the wait counted is from the moment the read was due (the last answer + 5 ms) to its answer:
+            # a stall while the probe sleeps delays its next read as much as one while a read is out
+            answered = time.perf_counter()
             while True:
-                inflight[0] = time.perf_counter()
+                await asyncio.sleep(0.005)
+                inflight[0] = answered + 0.005
                 client.send(1, b"\x04\x00\x00\x00\x02")  # FC4, 2 registers from 0
                 await client.receive(timeout=120.0)  # a stall of seconds is what this looks for
-                worst[0] = max(worst[0], time.perf_counter() - inflight[0])
+                answered = time.perf_counter()
+                worst[0] = max(worst[0], answered - inflight[0])
                 inflight[0] = None
-                await asyncio.sleep(0.005)
         probe = asyncio.create_task(watch())
     try:
         for _ in range(repeat):
