@@ -234,9 +234,10 @@ def test_an_empty_period_is_all_missing_and_outside_intervals_are_ignored():
     assert report["statuses"][MISSING] == 24  # hourly starts 19:00 … 18:00 UTC
 
 
-def test_intervals_json_is_the_whole_document_encoded_piece_by_piece():
-    """The API's intervals document, encoded one interval at a time (so that a year does not hold the
-    interpreter in one json.dumps call), is byte for byte the document encoded at once."""
+async def test_intervals_json_is_the_whole_document_encoded_piece_by_piece(monkeypatch):
+    """The API's intervals document, encoded a few intervals at a time (so that a year does not hold the
+    event loop), is byte for byte the document encoded at once."""
+    monkeypatch.setattr("bridge.north.energy_api.RENDER_STEP", 2)  # several steps here
     from bridge.energy.report import interval_record
     from bridge.energy.types import Evidence
     from bridge.north.energy_api import intervals_json
@@ -251,5 +252,5 @@ def test_intervals_json_is_the_whole_document_encoded_piece_by_piece():
     head = {"meter": "main", "interval": Q, "from": iso(t), "to": iso(t + 3 * Q)}
     for intervals in (rows, []):
         whole = json.dumps({**head, "intervals": [interval_record(i) for i in intervals]}, separators=(",", ":"))
-        assert intervals_json(head, intervals) == whole.encode()
-    assert json.loads(intervals_json(head, rows))["intervals"][2]["evidence"]["import_active_energy"]["end"]["before"] is None
+        assert await intervals_json(head, intervals) == whole.encode()
+    assert json.loads(await intervals_json(head, rows))["intervals"][2]["evidence"]["import_active_energy"]["end"]["before"] is None
