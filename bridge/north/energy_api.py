@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import io
 import json
+import time
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from urllib.parse import parse_qs
@@ -62,14 +63,15 @@ def time_range(params: Mapping[str, str], tz: str, default: tuple[int, int]) -> 
 
 
 async def intervals_csv(intervals: Sequence[Interval]) -> bytes:
-    """The intervals as CSV, ``RENDER_STEP`` rows between two yields to the event loop."""
+    """The intervals as CSV, in slices of ``RENDER_SLICE`` (see ``intervals_json``)."""
     present = [q for q in QUANTITIES if any(q in i.energy for i in intervals)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(["meter", "start", "end", "status", *present, "demand", "clock_step"])
+    slices = _Slices()
     for n, i in enumerate(intervals, 1):
         if n % RENDER_STEP == 0:
-            await asyncio.sleep(0)
+            await slices.tick()
         demand = i.demand
         w.writerow([i.meter, iso(i.start), iso(i.end), i.status,
                     *(("" if q not in i.energy else f"{i.energy[q]:.6f}") for q in present),
@@ -129,20 +131,35 @@ async def answer_intervals(energy: EnergySource, params: Mapping[str, str], now:
     return "application/json", await intervals_json(head, rows)
 
 
-RENDER_STEP = 250  # intervals rendered between two yields to the event loop (~10 ms with the detail)
+RENDER_SLICE = 0.02  # seconds of rendering between two yields to the event loop
+RENDER_STEP = 64  # intervals rendered between two looks at the clock
+
+
+class _Slices:
+    """Yield to the event loop once ``RENDER_SLICE`` has passed: few enough yields that a year is not slowed
+    down by the loop's turns in between (each turn serves the whole bridge), short enough to hold nothing up."""
+
+    def __init__(self) -> None:
+        self.since = time.perf_counter()
+
+    async def tick(self) -> None:
+        if time.perf_counter() - self.since >= RENDER_SLICE:
+            await asyncio.sleep(0)
+            self.since = time.perf_counter()
 
 
 async def intervals_json(head: Mapping[str, object], intervals: Sequence[Interval]) -> bytes:
     """``head`` with ``"intervals": [...]`` last, compact. A year is 6 MB of JSON (27 MB with the
-    detail), 0.3-2 s of Python: rendered ``RENDER_STEP`` intervals at a time, yielding in between, so
-    that polls and clients go on meanwhile. (A thread would not do: the two would contend for the
+    detail), 0.3-2 s of Python: rendered in slices of ``RENDER_SLICE``, yielding in between, so that
+    polls and clients go on meanwhile. (A thread would not do: the two would contend for the
     interpreter, and every turn of the event loop would wait for it.)"""
     text = json.dumps(head, separators=(",", ":"), allow_nan=False)
     parts = []
+    slices = _Slices()
     for n in range(0, len(intervals), RENDER_STEP):
         parts.append(",".join(json.dumps(interval_record(i), separators=(",", ":"), allow_nan=False)
                               for i in intervals[n:n + RENDER_STEP]))
-        await asyncio.sleep(0)
+        await slices.tick()
     return f'{text[:-1]},"intervals":[{",".join(parts)}]}}'.encode()
 
 
