@@ -73,7 +73,7 @@ class App:
         if config.modbus_tcp.enabled:
             sides["modbus_tcp"] = lambda: ModbusTcpServer(
                 self.image, self._route_write, config.modbus_tcp, config.meters,
-                config.energy.virtual if config.energy is not None else (), self._last_interval)
+                config.virtual_meters, self._last_interval)
         if config.opcua.enabled:
             sides["opcua"] = lambda: OpcUaServer(config, self.view)
         if config.http is not None:

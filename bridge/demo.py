@@ -93,7 +93,7 @@ def banner(app: App, config_path: Path) -> str:
     for seg in app.config.segments:
         for m in seg.meters:
             rows.append(f"    unit {m.unit:<3} {m.name:<10} {m.profile.name:<16} segment {seg.name} slave {m.slave}")
-    for v in app.config.energy.virtual if app.config.energy is not None else ():
+    for v in app.config.virtual_meters:
         if v.unit is not None:
             rows.append(f"    unit {v.unit:<3} {v.name:<10} {'virtual':<16} {v.formula}")
     rows += [

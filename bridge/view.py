@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from bridge.core.diagnostics import MeterDiagnostics, SegmentDiagnostics
 from bridge.core.image import Health, RegisterImage, UnitImage
 from bridge.core.model import Measurement, MeterConfig, SegmentConfig, VirtualMeterConfig
+from bridge.energy.meters import virtual_live
 
 # a part that failed this often within RESTART_LOOP_WINDOW seconds is unhealthy: a restart of the
 # whole process (the systemd watchdog's answer) may clear what restarting the part did not
@@ -28,9 +29,6 @@ RESTART_LOOP_WINDOW = 60.0
 
 QUALITY = {Health.FRESH: "good", Health.STALE: "stale", Health.OFFLINE: "offline", Health.NEVER_READ: "unread"}
 WORST_FIRST = ("unread", "offline", "stale", "good")  # a virtual meter's quality: the worst of its terms'
-# what a virtual meter has live: the measurements that add up across meters (W and var do; A, V, VA and
-# power factors do not), where every term has them
-VIRTUAL_LIVE = ("active_power", "reactive_power")
 
 
 class SegmentSource(Protocol):
@@ -143,20 +141,8 @@ class MeterView:
         return [(m, self.value(m)) for m in self.meter.profile.measurements]
 
 
-def virtual_live(terms: Sequence[MeterConfig]) -> tuple[str, ...]:
-    """What a virtual meter over meters ``terms`` has live: the ``VIRTUAL_LIVE`` measurements they all have."""
-    have = [{m.name for m in meter.profile.measurements} for meter in terms]
-    return tuple(q for q in VIRTUAL_LIVE if have and all(q in h for h in have))
-
-
-def virtual_measurements(terms: Sequence[MeterConfig]) -> tuple[Measurement, ...]:
-    """The live measurements of a virtual meter over ``terms``, each its first term's (name, unit, digits)."""
-    first = {m.name: m for m in terms[0].profile.measurements} if terms else {}
-    return tuple(first[q] for q in virtual_live(terms))
-
-
 class VirtualMeterView:
-    """A virtual meter (``energy.virtual``) read live: Σ sign × its terms' values of ``VIRTUAL_LIVE``.
+    """A virtual meter (``energy.virtual``) read live: Σ sign × its terms' values of ``energy.meters.VIRTUAL_LIVE``.
     Its quality is the worst of its terms' and its time the oldest of theirs: a sum is only as good
     and as recent as its weakest term."""
 

@@ -289,3 +289,8 @@ class Config:
     @property
     def meters(self) -> tuple[MeterConfig, ...]:
         return tuple(m for s in self.segments for m in s.meters)
+
+    @property
+    def virtual_meters(self) -> tuple[VirtualMeterConfig, ...]:
+        """``energy.virtual``; none while interval energy is off."""
+        return self.energy.virtual if self.energy is not None else ()

@@ -2,8 +2,14 @@
 the MQTT side and the command line all follow."""
 from __future__ import annotations
 
-from bridge.core.model import Config, MeterConfig, VirtualMeterConfig
+from collections.abc import Sequence
+
+from bridge.core.model import Config, Measurement, MeterConfig, VirtualMeterConfig
 from bridge.energy.types import QUANTITIES, Counter
+
+# what a virtual meter has live: the measurements that add up across meters (W and var do; A, V, VA and
+# power factors do not), where every term has them
+VIRTUAL_LIVE = ("active_power", "reactive_power")
 
 
 def counters_of(meter: MeterConfig) -> dict[str, Counter]:
@@ -42,3 +48,15 @@ def energy_meters(config: Config) -> dict[str, tuple[tuple[str, ...], VirtualMet
             common = set.intersection(*(set(real[t][0]) for _, t in v.terms))
             out[v.name] = (tuple(q for q in QUANTITIES if q in common), v)
     return out
+
+
+def virtual_live(terms: Sequence[MeterConfig]) -> tuple[str, ...]:
+    """What a virtual meter over meters ``terms`` has live: the ``VIRTUAL_LIVE`` measurements they all have."""
+    have = [{m.name for m in meter.profile.measurements} for meter in terms]
+    return tuple(q for q in VIRTUAL_LIVE if have and all(q in h for h in have))
+
+
+def virtual_measurements(terms: Sequence[MeterConfig]) -> tuple[Measurement, ...]:
+    """The live measurements of a virtual meter over ``terms``, each its first term's (name, unit, digits)."""
+    first = {m.name: m for m in terms[0].profile.measurements} if terms else {}
+    return tuple(first[q] for q in virtual_live(terms))

@@ -22,9 +22,10 @@ import math
 import struct
 from collections.abc import Mapping
 
+from bridge.energy.meters import VIRTUAL_LIVE
 from bridge.energy.types import QUANTITIES, STATUSES, Interval
 
-LIVE = ("active_power", "reactive_power")
+LIVE = VIRTUAL_LIVE  # registers 0 and 2, whether or not a given virtual meter has both
 FLOATS = (*LIVE, *QUANTITIES, "demand")  # float32 each, from register 0 on
 END_REGISTER = 2 * len(FLOATS)  # 18
 STATUS_REGISTER = END_REGISTER + 2  # 20

@@ -99,8 +99,7 @@ class ModbusTcpServer:
             self.cfg = cfg
             self._allow = [ipaddress.ip_network(n) for n in cfg.allow]
             self._set_consolidated(cfg.consolidated, config.meters)
-            self.virtual = VirtualUnits(config.energy.virtual if config.energy is not None else (), config.meters,
-                                        self.image, self._last)
+            self.virtual = VirtualUnits(config.virtual_meters, config.meters, self.image, self._last)
 
         async def abort() -> None:
             if new_server is not None:

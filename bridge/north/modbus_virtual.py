@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from bridge.core import pdu as P
 from bridge.core.image import Health, RegisterImage
 from bridge.core.model import Measurement, MeterConfig, VirtualMeterConfig
-from bridge.energy.modbus_map import LIVE, REGISTERS, virtual_registers
+from bridge.energy.meters import virtual_live
+from bridge.energy.modbus_map import REGISTERS, virtual_registers
 from bridge.energy.types import Interval
 
 LastInterval = Callable[[str], Interval | None]  # a meter's last closed interval, from the energy side
@@ -29,11 +30,8 @@ class VirtualUnits:
             if v.unit is None or not all(t in by_name for _, t in v.terms):
                 continue
             terms = [(sign, by_name[t]) for sign, t in v.terms]
-            live = {}
-            for q in LIVE:
-                parts = [(sign, m, next((x for x in m.profile.measurements if x.name == q), None)) for sign, m in terms]
-                if all(x is not None for _, _, x in parts):
-                    live[q] = parts
+            live = {q: [(sign, m, next(x for x in m.profile.measurements if x.name == q)) for sign, m in terms]
+                    for q in virtual_live([m for _, m in terms])}
             self.units[v.unit] = (v, terms, live)
 
     def __contains__(self, unit: int) -> bool:

@@ -15,7 +15,7 @@ from bridge.core.errors import ExceptionReply, PortError, TransactionError
 from bridge.core.model import Config, MeterConfig, Profile
 from bridge.core.plan import plan_meter
 from bridge.config.profiles import builtin_profile_names, get_builtin
-from bridge.energy.meters import energy_meters
+from bridge.energy.meters import energy_meters, virtual_live
 from bridge.energy.modbus_map import END_REGISTER, FLOATS, LIVE, STATUS_REGISTER
 from bridge.south.rtu_master import RtuMaster
 from bridge.south.serial_link import PySerialLink
@@ -184,7 +184,7 @@ def _virtual_rows(config: Config) -> list[dict]:
     for name, (quantities, v) in energy_meters(config).items():
         if v is None or v.unit is None:
             continue
-        live = [q for q in LIVE if all(any(m.name == q for m in meters[t].profile.measurements) for _, t in v.terms)]
+        live = virtual_live([meters[t] for _, t in v.terms])
         has = {*live, *quantities, *(("demand",) if "import_active_energy" in quantities else ())}
         points = [(q, 2 * i, "float32", 2) for i, q in enumerate(FLOATS) if q in has]
         points += [("interval_end", END_REGISTER, "uint32", 2), ("interval_status", STATUS_REGISTER, "uint16", 1)]

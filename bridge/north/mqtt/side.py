@@ -37,12 +37,12 @@ from bridge.core.mqtt_json import JsonTopics
 from bridge.core.mqtt_types import LiveProfile, MeterSample, Publish, VirtualDevice
 from bridge.core import sparkplug_b_pb2 as pb
 from bridge.core.sparkplug import EdgeNode, IntervalSample
-from bridge.energy.meters import energy_meters
+from bridge.energy.meters import energy_meters, virtual_measurements
 from bridge.energy.report import interval_record
 from bridge.energy.types import MISSING
 from bridge.north.mqtt.queue import DiskQueue
 from bridge.north.side import Staged
-from bridge.view import BridgeView, NorthStatus, virtual_measurements
+from bridge.view import BridgeView, NorthStatus
 
 log = logging.getLogger("bridge.mqtt")
 

@@ -43,12 +43,12 @@ from bridge.core.errors import BridgeError
 from bridge.core.image import Change, Health, UnitImage
 from bridge.core.model import Config, Measurement, MeterConfig, OpcUaConfig, SegmentConfig, VirtualMeterConfig
 from bridge.core.units import CEFACT_NAMESPACE, unit_for
-from bridge.energy.meters import energy_meters
+from bridge.energy.meters import energy_meters, virtual_live
 from bridge.north.opcua.energy import EnergyHistory, EnergyNodes, build_energy
 from bridge.north.opcua.nodes import ANALOG_ITEM_TYPE, NodeBuilder, Watch, reattach
 from bridge.north.opcua.security import configure_security
 from bridge.north.side import Staged, listen_error
-from bridge.view import BridgeView, NorthStatus, virtual_live
+from bridge.view import BridgeView, NorthStatus
 
 log = logging.getLogger("bridge.opcua")
 
