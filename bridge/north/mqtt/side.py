@@ -590,9 +590,9 @@ class MqttSide:
         cfg = config.mqtt
         self.config, self.cfg = config, cfg
         meters = config.meters
-        virtual = _virtual(config)
+        virtual = self._virtual_devices = _virtual(config)
         self.links = []
-        energy = _energy_of(config)
+        energy = self._energy = _energy_of(config)
         if cfg.sparkplug is not None:  # a virtual meter is a device like a meter
             self.links.append(SparkplugLink(self, EdgeNode(cfg.sparkplug, [*meters, *virtual], energy), cfg.client_id))
         if cfg.json is not None:
@@ -640,7 +640,7 @@ class MqttSide:
 
     async def stage(self, config: Config) -> Staged:
         if (config.mqtt == self.cfg and config.meters == self.config.meters and config.state_dir == self.config.state_dir
-                and _virtual(config) == _virtual(self.config) and _energy_of(config) == _energy_of(self.config)):
+                and _virtual(config) == self._virtual_devices and _energy_of(config) == self._energy):
             async def keep() -> None:
                 self.config = config
                 self._views = None  # a meter whose bus changed has a new unit in the image
